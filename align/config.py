@@ -74,6 +74,9 @@ class DataConfig:
     messages_field: str = "messages"  # column holding chat messages
     prompt_field: str = "prompt"  # column holding the prompt
     completion_field: str = "completion"  # column holding the completion
+    chosen_field: str = "chosen"  # preference data: the preferred completion (or whole transcript)
+    rejected_field: str = "rejected"  # preference data: the dispreferred completion (or transcript)
+    margin_field: str = "margin"  # reward model: optional per-pair Bradley-Terry margin
 
 
 @dataclass

@@ -56,11 +56,12 @@ def _targets(cfg: PeftConfig):
     return "all-linear" if cfg.target_modules == ["all-linear"] else list(cfg.target_modules)
 
 
-def _peft_config(cfg: PeftConfig, model: nn.Module, total_steps: int | None, tokenizer_path: str | None):
-    """The peft config object for a peft method."""
+def _peft_config(cfg: PeftConfig, model: nn.Module, total_steps: int | None, tokenizer_path: str | None,
+                 task_type: str = "CAUSAL_LM"):
+    """The peft config object for a peft method (SEQ_CLS also trains the new score head)."""
     import peft
 
-    common = dict(task_type="CAUSAL_LM")
+    common = dict(task_type=task_type)
     m = cfg.method
     if m in ("lora", "qlora", "dora"):
         return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
@@ -139,8 +140,13 @@ def _apply_bitfit(model: nn.Module, cfg: PeftConfig) -> None:
 
 
 def apply_tuning(model: nn.Module, cfg: PeftConfig, total_steps: int | None = None,
-                 tokenizer_path: str | None = None) -> nn.Module:
-    """Make only the parameters of `cfg.method` trainable; returns the (possibly peft-wrapped) model."""
+                 tokenizer_path: str | None = None, task_type: str = "CAUSAL_LM",
+                 new_heads: tuple[str, ...] = ()) -> nn.Module:
+    """Make only the parameters of `cfg.method` trainable; returns the (possibly peft-wrapped) model.
+
+    `task_type="SEQ_CLS"` is for reward models and critics; `new_heads` names freshly initialised
+    modules (the score head) that train under every method, since a random head cannot stay frozen.
+    """
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -155,7 +161,11 @@ def apply_tuning(model: nn.Module, cfg: PeftConfig, total_steps: int | None = No
             fix_bnb_cpu_backward(model)
             model = peft.prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=bool(getattr(model, "is_gradient_checkpointing", False)))
-        model = peft.get_peft_model(model, _peft_config(cfg, model, total_steps, tokenizer_path))
+        model = peft.get_peft_model(model, _peft_config(cfg, model, total_steps, tokenizer_path, task_type))
+    if cfg.method in ("full", "freeze", "bitfit"):
+        for name, p in model.named_parameters():
+            if any(h in name.split(".") for h in new_heads):
+                p.requires_grad_(True)
     trainable, total = count_parameters(model)
     log.info("peft.method=%s: %s trainable of %s parameters (%.3f%%)", cfg.method, f"{trainable:,}",
              f"{total:,}", 100 * trainable / max(total, 1))

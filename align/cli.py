@@ -1,0 +1,69 @@
+"""`align STAGE [CONFIG.yaml] [key=value ...]`: one entry point for every stage.
+
+    align sft examples/sft.yaml train.max_steps=50
+    align merge runs/sft/final runs/sft/merged
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from align.config import ConfigError, SFTConfig, load_config
+
+
+def _split(args: list[str]) -> tuple[str | None, list[str]]:
+    """(config path or None, overrides): the first argument is a config unless it has '='."""
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
+
+
+def _sft(args: list[str]) -> None:
+    from align import sft
+
+    path, overrides = _split(args)
+    sft.run(load_config(SFTConfig, path, overrides))
+
+
+def _merge(args: list[str]) -> None:
+    """Merge a saved adapter into its base model and save a plain Hugging Face model."""
+    p = argparse.ArgumentParser(prog="align merge", description=_merge.__doc__)
+    p.add_argument("adapter", help="a directory written by save_pretrained of a peft model (e.g. RUN/final)")
+    p.add_argument("out", help="where to write the merged model")
+    ns = p.parse_args(args)
+    import peft
+    from transformers import AutoTokenizer
+
+    from align.tuning import export_merged
+
+    model = peft.AutoPeftModelForCausalLM.from_pretrained(ns.adapter)
+    export_merged(model, __import__("pathlib").Path(ns.out))
+    AutoTokenizer.from_pretrained(ns.adapter).save_pretrained(ns.out)
+    print(f"[align] merged model written to {ns.out}")
+
+
+STAGES = {"sft": _sft, "merge": _merge}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a stage; config and data errors print one clear line and exit 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
+        print(f"usage: align {{{','.join(STAGES)}}} [CONFIG.yaml] [key=value ...]", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    from align.data import DataError
+    from align.models import ModelNotFoundError
+    from align.checkpoint import ResumeError
+
+    try:
+        STAGES[argv[0]](argv[1:])
+    except (ConfigError, DataError, ModelNotFoundError, ResumeError) as exc:
+        print(f"align {argv[0]}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

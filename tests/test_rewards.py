@@ -1,0 +1,438 @@
+"""Tests for the `rewards` package: built-ins, hostile inputs, the runner, remote and user rewards.
+
+One math-verify process pool is shared by the whole module (starting workers is the main cost).
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import textwrap
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+import rewards
+from rewards import (FormatReward, MathAccuracy, MathVerifyPool, RemoteReward, RemoteRewardError,
+                     RewardError, RewardRunner, RewardSpec, SoftOverlong, normalize_gold)
+
+TOWER = "\\boxed{9^{9^{9^{9^{9}}}}}"
+NESTED = "\\boxed{" + "{" * 500_000 + "1" + "}" * 500_000 + "}"  # a megabyte of nested braces
+FACTORIAL = "\\boxed{100000!}"
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with MathVerifyPool(num_workers=2) as shared:
+        yield shared
+
+
+@pytest.fixture(scope="module")
+def acc(pool):
+    return MathAccuracy(timeout=2.0, pool=pool)
+
+
+# ---------------------------------------------------------------------------- registry
+
+
+def test_registry_names_get_and_unknown():
+    assert {"math_accuracy", "format", "soft_overlong", "remote"} <= set(rewards.names())
+    assert isinstance(rewards.get("format", ends_with_number=True), FormatReward)
+    assert isinstance(rewards.get("soft_overlong", max_completion_len=10, soft_punish_cache=2),
+                      SoftOverlong)
+    with pytest.raises(KeyError) as info:
+        rewards.get("no_such_reward")
+    assert "math_accuracy" in str(info.value) and "soft_overlong" in str(info.value)
+
+    @rewards.register("_test_const")
+    def _const(value: float = 1.0):
+        return lambda prompts, completions, **cols: [value] * len(completions)
+
+    assert rewards.get("_test_const", value=0.25)(["a", "b"], ["x", "y"]) == [0.25, 0.25]
+    with pytest.raises(ValueError):
+        rewards.register("_test_const")(lambda: None)
+
+
+# ---------------------------------------------------------------------------- math accuracy
+
+
+def test_normalize_gold():
+    assert normalize_gold("She has 3 + 15 = 18 apples.\n#### 18") == "18"
+    assert normalize_gold("#### 1,234,567") == "1234567"
+    assert normalize_gold("#### 0.5") == "0.5"
+    assert normalize_gold("\\frac{1}{2}") == "\\frac{1}{2}"
+    assert normalize_gold(7) == "7"
+    assert normalize_gold(None) is None
+
+
+def test_math_accuracy_positive_and_negative(acc):
+    cases = [  # (completion, gold, expected)
+        ("\\boxed{18}", "Janet has 3 + 15 = 18 eggs.\n#### 18", 1.0),
+        ("17", "#### 18", 0.0),
+        ("1/2", "0.5", 1.0),
+        ("$\\frac{1}{2}$", "0.5", 1.0),
+        ("19", "19", 1.0),
+        ("The answer is 19.", "19", 1.0),
+        ("19 apples", "19", 1.0),
+        ("\\boxed{19}", "#### 19", 1.0),
+        ("12 + 7 = 9", "19", 0.0),
+        ("The total is 1,234.", "#### 1,234", 1.0),
+        ("<think>maybe 18</think> so 17", "18", 0.0),  # only the text after </think> counts
+        ("<think>maybe 17</think> 18", "18", 1.0),
+        ("no number here", "18", 0.0),
+        ("\\boxed{18}", "\\frac{", None),  # gold does not parse -> cannot be scored
+        ("\\boxed{18}", None, None),  # gold missing
+    ]
+    completions = [c for c, _, _ in cases]
+    golds = [g for _, g, _ in cases]
+    before = acc.counters()
+    scores = acc(["q"] * len(cases), completions, answer=golds)
+    assert scores == [e for _, _, e in cases]
+    after = acc.counters()
+    assert after["items"] - before["items"] == len(cases)
+    assert after["gold_unparsed"] - before["gold_unparsed"] == 2
+    assert after["correct"] - before["correct"] == 9
+    assert after["timeouts"] == before["timeouts"]
+
+
+def test_math_accuracy_gold_column_and_latex_only(pool):
+    custom = MathAccuracy(gold_column="solution", plain_numbers=False, latex_without_anchor=False,
+                          timeout=2.0, pool=pool)
+    # TRL / open-r1 parsing: a bare "19" or an unanchored "$1/2$" has nothing to extract.
+    got = custom(["q"] * 3, ["\\boxed{19}", "19", "$\\frac{1}{2}$"], solution=["19", "19", "0.5"])
+    assert got == [1.0, 0.0, 0.0]
+    with pytest.raises(KeyError, match="solution"):
+        custom(["q"], ["19"], answer=["19"])
+
+
+@pytest.mark.parametrize("hostile", [TOWER, NESTED, FACTORIAL], ids=["tower", "braces", "factorial"])
+def test_hostile_inputs_return_within_timeout(acc, hostile):
+    start = time.monotonic()
+    scores = acc(["q"] * 3, [hostile, "18", "\\boxed{18}"], answer=["18"] * 3)
+    elapsed = time.monotonic() - start
+    assert elapsed < acc.timeout + 3.0, elapsed
+    assert scores == [0.0, 1.0, 1.0]  # not equal to 18, by verification or by timeout
+    assert acc(["q"], ["\\boxed{18}"], answer=["#### 18"]) == [1.0]  # the pool still works
+
+
+def test_hard_deadline_kills_and_replaces_worker(pool):
+    # A 0.5 s hard deadline is shorter than math-verify's own 1 s signal timeout, which the tower
+    # always runs into, so the worker must be killed from outside and replaced.
+    quick = MathAccuracy(timeout=0.5, timeout_value=-1.0, pool=pool)
+    kills = pool.kills
+    start = time.monotonic()
+    scores = quick(["q"] * 4, ["\\boxed{18}", TOWER, "17", "The answer is 18"], answer=["18"] * 4)
+    elapsed = time.monotonic() - start
+    assert scores == [1.0, -1.0, 0.0, 1.0]
+    assert elapsed < 0.5 + 3.0, elapsed
+    assert quick.counters()["timeouts"] == 1
+    assert pool.kills == kills + 1
+    # Both workers serve again afterwards: a batch large enough to use every worker.
+    n = 40
+    scores = quick(["q"] * n, [str(i) for i in range(n)], answer=["#### 7"] * n)
+    assert scores == [1.0 if i == 7 else 0.0 for i in range(n)]
+    assert quick.counters()["timeouts"] == 1
+
+
+def test_math_accuracy_from_worker_thread(acc):
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(
+        acc(["q", "q"], [TOWER, "\\boxed{18}"], answer=["18", "18"])))
+    start = time.monotonic()
+    thread.start()
+    thread.join(timeout=acc.timeout + 10)
+    assert not thread.is_alive()
+    assert time.monotonic() - start < acc.timeout + 3.0
+    assert out == [[0.0, 1.0]]
+
+
+def test_math_accuracy_concurrent_callers_share_the_pool(acc):
+    results: dict[int, list] = {}
+
+    def call(k: int) -> None:
+        results[k] = acc(["q"] * 10, [str(k + i) for i in range(10)], answer=[str(k + 3)] * 10)
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    for k in range(4):
+        assert results[k] == [1.0 if i == 3 else 0.0 for i in range(10)]
+
+
+def test_owned_pool_pickle_worker_crash_and_close():
+    with MathAccuracy(timeout=5.0, num_workers=1) as original:
+        copy = pickle.loads(pickle.dumps(original))  # e.g. shipped to a Ray actor
+    assert copy(["q"], ["\\boxed{5}"], answer=["5"]) == [1.0]  # the copy starts its own pool
+    pool = copy.pool
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(
+        copy(["q", "q"], [TOWER, "\\boxed{3}"], answer=["18", "3"])))
+    thread.start()
+    time.sleep(0.3)  # the worker is now inside the tower (about 1 s until its own alarm)
+    for worker in list(pool._all):
+        worker.proc.kill()  # a crash from outside, as the OOM killer would do
+    thread.join(timeout=15)
+    assert out == [[0.0, 1.0]]  # the crashed item scores timeout_value; the other is requeued
+    assert copy.counters()["errors"] == 1 and copy.counters()["timeouts"] == 0
+    assert "worker process died" in copy.last_errors[0]
+    copy.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.score([("1", "1")], copy.options, 1.0)
+
+
+# ---------------------------------------------------------------------------- format / length
+
+
+def test_format_default_tags():
+    fmt = rewards.get("format")
+    completions = [
+        "<think>3 + 15 = 18</think>\n<answer>18</answer>",  # right
+        "  <think>a</think><answer>b</answer>\n",  # whitespace around is fine
+        "<answer>18</answer><think>x</think>",  # wrong order
+        "<think>a</think> text <answer>b</answer>",  # text between blocks
+        "<think>a<think>b</think><answer>c</answer>",  # nested / repeated tag
+        "18",
+    ]
+    assert fmt(["q"] * 6, completions) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_format_ends_with_number_and_pattern():
+    ends = rewards.get("format", ends_with_number=True)
+    texts = ["19", "The answer is 19.", "It is -3.5", "Total: 1,234", "nineteen", "19 apples", "v2"]
+    assert ends(["q"] * 7, texts) == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    boxed = rewards.get("format", pattern=r".*\\boxed\{[^}]*\}.*", reward=0.5, penalty=-0.5)
+    assert boxed(["q", "q"], ["so \\boxed{4}.", "so 4"]) == [0.5, -0.5]
+    anywhere = FormatReward(r"answer", search=True)
+    assert anywhere(["q", "q"], ["the answer: 4", "4"]) == [1.0, 0.0]
+    both = FormatReward(tags=("answer",), ends_with_number=True)  # every check must pass
+    assert both(["q", "q"], ["<answer>4</answer>", "4"]) == [0.0, 0.0]
+    assert FormatReward(tags=("answer",))(["q"], ["<answer>4</answer>"]) == [1.0]
+
+
+def test_soft_overlong_against_hand_values():
+    pen = rewards.get("soft_overlong", max_completion_len=100, soft_punish_cache=20)
+    lengths = [0, 80, 81, 90, 99, 100, 101, 5000]
+    # free up to 100 - 20 = 80; then (80 - L) / 20; -1 beyond 100
+    expected = [0.0, 0.0, -1 / 20, -10 / 20, -19 / 20, -1.0, -1.0, -1.0]
+    got = pen(["q"] * 8, ["c"] * 8, completion_token_counts=lengths)
+    assert got == pytest.approx(expected, abs=1e-12)
+    step = SoftOverlong(max_completion_len=10, soft_punish_cache=0)
+    assert step(["q"] * 3, ["c"] * 3, completion_token_counts=[10, 11, 3]) == [0.0, -1.0, 0.0]
+    with pytest.raises(KeyError, match="completion_token_counts"):
+        pen(["q"], ["c"], completion_ids=[[1, 2]])
+    with pytest.raises(ValueError):
+        SoftOverlong(max_completion_len=10, soft_punish_cache=11)
+
+
+# ---------------------------------------------------------------------------- runner
+
+
+def _length_reward(prompts, completions, **cols):
+    return [float(len(c)) for c in completions]
+
+
+def _sometimes_none(prompts, completions, **cols):
+    return [None if c.startswith("?") else 1.0 for c in completions]
+
+
+def test_runner_weighted_total_and_components():
+    specs = [RewardSpec("length", _length_reward, weight=0.5),
+             RewardSpec("flag", _sometimes_none, weight=2.0),
+             {"name": "ends", "fn": "format", "weight": 3.0, "kwargs": {"ends_with_number": True}}]
+    completions = ["ab", "?x", "n 7", "?"]
+    with RewardRunner(specs) as runner:
+        res = runner(["p"] * 4, completions, {"answer": ["1"] * 4})
+    assert res.components["length"] == [2.0, 2.0, 3.0, 1.0]
+    assert res.components["flag"] == [1.0, None, 1.0, None]
+    assert res.components["ends"] == [0.0, 0.0, 1.0, 0.0]
+    # Hand sums, None components left out: 0.5*len + 2*flag + 3*ends.
+    assert res.total == pytest.approx([0.5 * 2 + 2.0, 0.5 * 2, 0.5 * 3 + 2.0 + 3.0, 0.5 * 1])
+    assert res.metrics["reward/flag/none"] == 2.0
+    assert res.metrics["reward/flag/mean"] == 1.0
+    assert res.metrics["reward/length/mean"] == pytest.approx((2 + 2 + 3 + 1) / 4)
+    assert res.metrics["reward/total/mean"] == pytest.approx(sum(res.total) / 4)
+    assert all(res.metrics[f"reward/{n}/seconds"] >= 0 for n in ("length", "flag", "ends"))
+
+    with RewardRunner(specs[:2], missing="propagate") as strict:
+        res = strict(["p"] * 4, completions)
+    assert res.total == [0.5 * 2 + 2.0, None, 0.5 * 3 + 2.0, None]
+    assert res.metrics["reward/total/none"] == 2.0
+    with RewardRunner([RewardSpec("flag", _sometimes_none)]) as only:
+        assert only(["p"], ["?"]).total == [None]  # every component None -> None
+
+
+def test_runner_with_math_and_counters(pool):
+    math = MathAccuracy(timeout=0.5, pool=pool)
+    specs = [RewardSpec("math", math, weight=1.0),
+             RewardSpec("fmt", FormatReward(ends_with_number=True), weight=0.25)]
+    with RewardRunner(specs) as runner:  # closing `math` leaves a pool it was given running
+        res = runner(["q"] * 3, ["It is 18", "\\boxed{17}", TOWER], {"answer": ["#### 18"] * 3})
+    assert res.components["math"] == [1.0, 0.0, 0.0]
+    assert res.components["fmt"] == [1.0, 0.0, 0.0]
+    assert res.total == pytest.approx([1.25, 0.0, 0.0])
+    assert res.metrics["reward/math/timeouts"] == 1.0  # counted for this call only
+    assert res.metrics["reward/math/items"] == 3.0
+    assert pool.score([("1", "1")], math.options, 2.0) == [1.0]  # the shared pool is still open
+
+
+def test_runner_calls_rewards_concurrently():
+    def slow(prompts, completions, **cols):
+        time.sleep(0.5)
+        return [1.0] * len(completions)
+
+    with RewardRunner([RewardSpec("a", slow), RewardSpec("b", slow, weight=2.0)]) as runner:
+        start = time.monotonic()
+        res = runner(["p"], ["c"])
+        elapsed = time.monotonic() - start
+    assert res.total == [3.0]
+    assert elapsed < 0.95, elapsed
+
+
+def _picky(prompts, completions, **cols):
+    out = []
+    for c in completions:
+        if "bad" in c:
+            raise ValueError("cannot score this one")
+        out.append(1.0)
+    return out
+
+
+def test_runner_error_policies():
+    prompts = ["p0", "p1", "please score me", "p3"]
+    completions = ["fine", "ok", "a bad answer", "good"]
+    with RewardRunner([RewardSpec("picky", _picky, on_error="raise")]) as runner:
+        with pytest.raises(RewardError) as info:
+            runner(prompts, completions)
+    message = str(info.value)
+    assert "'picky'" in message and "row 2" in message
+    assert "please score me" in message and "a bad answer" in message
+    assert "cannot score this one" in message
+    assert info.value.name == "picky" and info.value.row == 2
+
+    specs = [RewardSpec("picky", _picky, on_error="none"), RewardSpec("len", _length_reward, 0.1)]
+    with RewardRunner(specs) as runner:
+        res = runner(prompts, completions)
+    assert res.components["picky"] == [1.0, 1.0, None, 1.0]
+    assert res.metrics["reward/picky/errors"] == 1.0
+    assert res.total == pytest.approx([1.4, 1.2, 1.2, 1.4])
+
+    def wrong_length(prompts, completions, **cols):
+        return [1.0]
+
+    with RewardRunner([RewardSpec("short", wrong_length)]) as runner:
+        # Each row alone succeeds, so the batch as a whole is blamed.
+        with pytest.raises(RewardError, match="'short' failed on the whole batch.*1 scores for 2"):
+            runner(["a", "b"], ["x", "y"])
+
+
+# ---------------------------------------------------------------------------- remote
+
+
+class _Handler(BaseHTTPRequestHandler):
+    calls: dict[str, int] = {}
+
+    def log_message(self, *args):  # keep the test output quiet
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        count = self.calls[self.path] = self.calls.get(self.path, 0) + 1
+        if self.path == "/flaky" and count == 1:
+            return self._reply(503, {"error": "warming up"})
+        if self.path == "/slow":
+            time.sleep(1.5)
+        if self.path == "/bad":
+            return self._reply(400, {"error": "bad request"})
+        scores = [1.0 if c.strip() == a else 0.0
+                  for c, a in zip(body["completions"], body["answer"])]
+        payload = scores if self.path == "/bare" else {"rewards": scores}
+        self._reply(200, payload)
+
+    def _reply(self, status, payload):
+        data = json.dumps(payload).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
+            pass
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_remote_ok_and_bare_list(server):
+    judge = rewards.get("remote", url=server + "/ok", timeout=5.0)
+    assert judge(["q", "q"], ["4", " 5"], answer=["4", "4"]) == [1.0, 0.0]
+    bare = RemoteReward(server + "/bare", batch_size=1)
+    assert bare(["q", "q", "q"], ["4", "5", "6"], answer=["4", "5", "5"]) == [1.0, 1.0, 0.0]
+    assert bare.counters()["requests"] == 3
+
+
+def test_remote_retries_after_failure(server):
+    judge = RemoteReward(server + "/flaky", timeout=5.0, retries=2, backoff=0.05)
+    assert judge(["q"], ["4"], answer=["4"]) == [1.0]
+    assert judge.counters() == {"requests": 2, "retries": 1, "failures": 0}
+
+
+def test_remote_timeout_and_client_error(server):
+    judge = RemoteReward(server + "/slow", timeout=0.3, retries=1, backoff=0.05)
+    start = time.monotonic()
+    with pytest.raises(RemoteRewardError, match="2 attempts"):
+        judge(["q"], ["4"], answer=["4"])
+    assert time.monotonic() - start < 2 * 0.3 + 0.05 + 1.0
+    assert judge.counters()["failures"] == 1
+    # Under the runner with on_error="none" the whole batch is None, without row-by-row retries.
+    with RewardRunner([RewardSpec("judge", judge, on_error="none")]) as runner:
+        res = runner(["q", "q"], ["4", "4"], {"answer": ["4", "4"]})
+    assert res.components["judge"] == [None, None] and res.total == [None, None]
+    assert res.metrics["reward/judge/errors"] == 2.0
+    assert res.metrics["reward/judge/requests"] == 2.0  # one batch, two attempts
+    bad = RemoteReward(server + "/bad", retries=3, backoff=0.05)
+    with pytest.raises(RemoteRewardError, match="HTTP 400"):
+        bad(["q"], ["4"], answer=["4"])
+    assert bad.counters()["requests"] == 1  # a 4xx is not retried
+
+
+# ---------------------------------------------------------------------------- user functions
+
+
+def test_user_function_from_file_and_module(tmp_path):
+    path = tmp_path / "my_rewards.py"
+    path.write_text(textwrap.dedent("""
+        def brevity(prompts, completions, **columns):
+            return [1.0 / (1 + len(c)) for c in completions]
+
+        def make_scaled(scale):
+            def scaled(prompts, completions, **columns):
+                return [scale * len(c) for c in completions]
+            return scaled
+
+        NOT_CALLABLE = 3
+    """))
+    brevity = rewards.get(f"{path}:brevity")
+    assert brevity(["q", "q"], ["", "abc"]) == [1.0, 0.25]
+    assert rewards.get(f"{path}:make_scaled", scale=2.0)(["q"], ["abc"]) == [6.0]
+    fmt = rewards.get("rewards.format:FormatReward", ends_with_number=True)
+    assert fmt(["q"], ["x = 3"]) == [1.0]
+    with RewardRunner([RewardSpec("brev", f"{path}:brevity", weight=4.0)]) as runner:
+        assert runner(["q"], ["abc"]).total == [1.0]
+    with pytest.raises(TypeError, match="not a callable"):
+        rewards.get(f"{path}:NOT_CALLABLE")
+    with pytest.raises(AttributeError, match="missing"):
+        rewards.get(f"{path}:missing")
+    with pytest.raises(FileNotFoundError):
+        rewards.get(f"{tmp_path}/nope.py:f")
