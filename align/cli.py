@@ -1,6 +1,7 @@
 """`align STAGE [CONFIG.yaml] [key=value ...]`: one entry point for every stage.
 
     align sft examples/sft.yaml train.max_steps=50
+    align rm examples/rm.yaml data.path=pairs.jsonl
     align merge runs/sft/final runs/sft/merged
 """
 from __future__ import annotations
@@ -26,6 +27,13 @@ def _sft(args: list[str]) -> None:
     sft.run(load_config(SFTConfig, path, overrides))
 
 
+def _rm(args: list[str]) -> None:
+    from align import rm
+
+    path, overrides = _split(args)
+    rm.run(load_config(rm.RMConfig, path, overrides))
+
+
 def _merge(args: list[str]) -> None:
     """Merge a saved adapter into its base model and save a plain Hugging Face model."""
     p = argparse.ArgumentParser(prog="align merge", description=_merge.__doc__)
@@ -43,7 +51,7 @@ def _merge(args: list[str]) -> None:
     print(f"[align] merged model written to {ns.out}")
 
 
-STAGES = {"sft": _sft, "merge": _merge}
+STAGES = {"sft": _sft, "rm": _rm, "merge": _merge}
 
 
 def main(argv: list[str] | None = None) -> int:
