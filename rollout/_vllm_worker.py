@@ -1,0 +1,56 @@
+"""Imported by vLLM inside each of its worker processes (as `worker_extension_cls`), never by align.
+
+Importing this module in a worker does two things before the worker loads its model:
+- sets the worker's torch thread count from ALIGN_VLLM_NUM_THREADS (vLLM's CPU worker replaces
+  `torch.set_num_threads` by a no-op once its device is up, so this is the last chance);
+- on CPU only, stops vLLM-CPU from repacking linear weights into its own kernels. The repacked
+  layers keep an empty `weight` (no `weight_loader`), so a later `load_weights` fails with
+  "'Parameter' object has no attribute 'weight_loader'", and lm_head/embedding layers keep a
+  packed copy that new weights never reach. With plain `F.linear` the weights stay live
+  (ENVIRONMENT.md, "vLLM on a CPU").
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def _setup_worker_process() -> None:
+    """Thread count and the CPU weight-packing patch; runs once at import in a vLLM worker."""
+    threads = os.environ.get("ALIGN_VLLM_NUM_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        import vllm.model_executor.layers.utils as layer_utils
+
+        def plain_linear(layer: torch.nn.Module, remove_weight: bool) -> None:
+            layer.cpu_linear = torch.nn.functional.linear
+
+        # linear.py / vocab_parallel_embedding.py import this name inside the function that calls
+        # it, so replacing the module attribute reaches every layer loaded after this point
+        layer_utils.dispatch_cpu_unquantized_gemm = plain_linear
+
+
+_setup_worker_process()
+
+
+class AlignWorkerExtension:
+    """Methods mixed into vLLM's worker class; the engine calls them with `collective_rpc`."""
+
+    def align_load_weights(self, blob: bytes) -> int:
+        """Load HF-named weights (a safetensors blob) through the model's own `load_weights` (it
+        fuses q/k/v and gate/up and shards for tensor parallelism); returns how many vLLM
+        parameters were written."""
+        from safetensors.torch import load
+
+        state_dict = load(blob)
+        model = self.model_runner.model  # type: ignore[attr-defined]
+        loaded = model.load_weights(weights=list(state_dict.items()))
+        return len(loaded) if loaded is not None else len(state_dict)
+
+    def align_num_threads(self) -> int:
+        """The worker's torch thread count (for tests and logs)."""
+        return torch.get_num_threads()

@@ -1,0 +1,218 @@
+"""Rollouts with Hugging Face `generate`: batched, KV-cached, left-padded; runs wherever torch runs.
+
+The engine holds its own plain copy of the base model. LoRA updates are merged into that copy
+(W0 + s * B @ A, computed from the original W0 kept aside, so updates never accumulate), so
+generation pays no adapter cost: the "merged inference copy" of DESIGN.md. Logprobs follow the
+convention of `rollout.base`: log_softmax(raw logits / T) at the sampled token, before top-k/top-p.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from align.types import Sample
+from rollout.base import SamplingParams, check_columns, truncate_at_stop
+from rollout.lora import LoraDelta, merged_weight, parse_lora
+
+
+def _dtype(dtype: str | torch.dtype) -> str | torch.dtype:
+    """"auto" stays a string (the checkpoint's dtype); "bfloat16" etc. become torch dtypes."""
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    return getattr(torch, dtype)
+
+
+class _StopStrings:
+    """A stopping criterion: a row is done once its recent generated text holds a stop string."""
+
+    def __init__(self, tokenizer: Any, stop: list[str], prompt_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.prompt_len = prompt_len
+        # a stop string of L characters spans at most 4 L byte-level tokens (UTF-8), plus the
+        # token that completes it: decoding that tail suffices, instead of the whole completion
+        self.window = 4 * max((len(s) for s in self.stop), default=1) + 2
+
+    def __call__(self, input_ids: Tensor, scores: Any, **kwargs: Any) -> Tensor:
+        tails = input_ids[:, max(self.prompt_len, input_ids.shape[1] - self.window):]  # (B, <=w)
+        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stop) for t in texts],
+                            dtype=torch.bool, device=input_ids.device)  # (B,)
+
+
+class HFEngine:
+    """`RolloutEngine` on transformers `generate` (CPU or GPU)."""
+
+    def __init__(self, model: str | Path | Any, tokenizer: Any = None,
+                 dtype: str | torch.dtype = "auto", num_threads: int | None = None,
+                 device: str | torch.device | None = None, max_batch_size: int = 64) -> None:
+        """`model`: a checkpoint directory or a plain (not peft-wrapped) causal LM, which is copied;
+        `num_threads`: torch intra-op threads for this process (set deliberately: ENVIRONMENT.md);
+        `max_batch_size`: most sequences (prompts x n) per `generate` call."""
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        if isinstance(model, (str, Path)):
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(model))
+            model = AutoModelForCausalLM.from_pretrained(str(model), dtype=_dtype(dtype))
+        else:
+            if hasattr(model, "peft_config"):
+                raise TypeError("HFEngine takes the base model; push adapters with update_lora")
+            if tokenizer is None:
+                raise ValueError("HFEngine(model_object) needs its tokenizer too")
+            model = copy.deepcopy(model)  # merging LoRA must never touch the learner's weights
+            if dtype != "auto":
+                model = model.to(_dtype(dtype))
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        eos = self.model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+            eos.append(tokenizer.eos_token_id)
+        self.eos_ids = eos
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+        # A checkpoint's generation_config may carry repetition penalties, top_k=50 and the like;
+        # sampling must be exactly what SamplingParams says, so the engine starts from a blank one.
+        self.model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=self.pad_id)
+        # state_dict names, not named_parameters: tied weights (lm_head = embed_tokens, as in
+        # SmolLM2) appear under both names in the learner's state dict
+        self._params = dict(self.model.state_dict(keep_vars=True))
+        self._base: dict[str, Tensor] = {}  # original weights of LoRA-adapted layers, by param name
+        self._lora: list[LoraDelta] = []  # the adapter merged now (re-merged after update_weights)
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts: list[str], sampling: SamplingParams, group_offset: int = 0,
+                 columns: list[dict[str, Any]] | None = None) -> list[Sample]:
+        """`sampling.n` samples per prompt, prompt-major (see `RolloutEngine.generate`)."""
+        columns = check_columns(prompts, columns)
+        prompt_ids = [self.tokenizer(p)["input_ids"] for p in prompts]
+        rows = [i for i in range(len(prompts)) for _ in range(sampling.n)]
+        samples = []
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # a seed must not reset the caller's RNG
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+            for start in range(0, len(rows), self.max_batch_size):
+                chunk = rows[start:start + self.max_batch_size]
+                outs = self._generate_batch([prompt_ids[i] for i in chunk], sampling)
+                for i, (ids, lps) in zip(chunk, outs):
+                    samples.append(self._sample(prompts[i], prompt_ids[i], ids, lps, sampling,
+                                                group_offset + i, columns[i]))
+        return samples
+
+    @torch.no_grad()
+    def _generate_batch(self, prompt_ids: list[list[int]], sampling: SamplingParams
+                        ) -> list[tuple[list[int], list[float] | None]]:
+        """Generated ids (padding stripped later) and their logprobs, one pair per row."""
+        P = max(len(p) for p in prompt_ids)
+        input_ids = torch.full((len(prompt_ids), P), self.pad_id, dtype=torch.long)  # (B, P)
+        attention_mask = torch.zeros_like(input_ids)  # (B, P)
+        for row, ids in enumerate(prompt_ids):  # left padding: every row's last token is at P-1
+            input_ids[row, P - len(ids):] = torch.tensor(ids)
+            attention_mask[row, P - len(ids):] = 1
+        kw: dict[str, Any] = dict(
+            max_new_tokens=sampling.max_new_tokens, do_sample=not sampling.greedy,
+            eos_token_id=self.eos_ids, pad_token_id=self.pad_id, return_dict_in_generate=True,
+            output_logits=sampling.logprobs, repetition_penalty=1.0,
+        )
+        if not sampling.greedy:
+            kw.update(temperature=sampling.temperature, top_p=sampling.top_p,
+                      top_k=max(sampling.top_k, 0))  # top_k 0 = off; None would mean 50 here
+        if sampling.stop:
+            from transformers import StoppingCriteriaList
+            kw["stopping_criteria"] = StoppingCriteriaList([_StopStrings(self.tokenizer,
+                                                                         sampling.stop, P)])
+        out = self.model.generate(input_ids=input_ids.to(self.device),
+                                  attention_mask=attention_mask.to(self.device), **kw)
+        gen = out.sequences[:, P:].cpu()  # (B, C)
+        lps = None
+        if sampling.logprobs:
+            logits = torch.stack(out.logits, dim=1).float()  # (B, C, V) raw, before any warper
+            temp = sampling.temperature if not sampling.greedy else 1.0
+            lps = torch.log_softmax(logits / temp, dim=-1)  # (B, C, V)
+            lps = lps.gather(-1, gen.to(lps.device).unsqueeze(-1)).squeeze(-1).cpu()  # (B, C)
+        return [(gen[b].tolist(), None if lps is None else lps[b].tolist())
+                for b in range(gen.shape[0])]
+
+    def _sample(self, prompt: str, prompt_ids: list[int], ids: list[int],
+                lps: list[float] | None, sampling: SamplingParams, group_id: int,
+                columns: dict[str, Any]) -> Sample:
+        """Cut one generated row at EOS or at the first stop string and wrap it as a Sample."""
+        end = next((k + 1 for k, t in enumerate(ids) if t in self.eos_ids), None)
+        finish = "stop" if end is not None else "length"
+        ids = ids[:end] if end is not None else ids  # EOS kept; rows that hit it early are padded
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if sampling.stop:
+            cut, hit = truncate_at_stop(text, sampling.stop)
+            if hit:
+                # like vLLM: the ids end with the token that completed the stop string (the model
+                # did sample it, the learner trains on it); the text ends before the stop string
+                ids = ids[:self._stop_prefix(ids, sampling.stop)]
+                text = truncate_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True),
+                                        sampling.stop)[0]
+                finish = "stop"
+        return Sample(prompt=prompt, prompt_ids=list(prompt_ids), completion=text,
+                      completion_ids=ids, logprobs=None if lps is None else lps[:len(ids)],
+                      finish_reason=finish, group_id=group_id, columns=dict(columns))
+
+    def _stop_prefix(self, ids: list[int], stop: list[str]) -> int:
+        """Fewest leading tokens whose text holds a stop string (binary search: a prefix's text
+        only grows, so "holds a stop string" is monotone in the prefix length)."""
+        lo, hi = 1, len(ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            text = self.tokenizer.decode(ids[:mid], skip_special_tokens=True)
+            if truncate_at_stop(text, stop)[1]:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    # ------------------------------------------------------------------ weight sync
+    @torch.no_grad()
+    def update_weights(self, state_dict: dict[str, Tensor]) -> None:
+        """Copy full or partial base weights in (HF names); a merged LoRA stays on top of them."""
+        unknown = [k for k in state_dict if k not in self._params]
+        if unknown:
+            raise KeyError(f"update_weights: {len(unknown)} names are not parameters of the "
+                           f"model, e.g. {unknown[:3]}")
+        for name, tensor in state_dict.items():
+            if name in self._base:  # the new base of an adapted layer
+                self._base[name] = tensor.detach().to(self.device, self._params[name].dtype).clone()
+            else:
+                self._params[name].copy_(tensor)
+        self._merge(self._lora)
+
+    @torch.no_grad()
+    def update_lora(self, lora_tensors: dict[str, Tensor], peft_config: dict[str, Any]) -> None:
+        """Merge this adapter into the inference copy, replacing any adapter merged before (empty
+        `lora_tensors` = back to the base model)."""
+        deltas = parse_lora(lora_tensors, peft_config)
+        for d in deltas:
+            name = d.module + ".weight"
+            if name not in self._params:
+                raise KeyError(f"update_lora: the model has no layer {d.module!r}")
+            if name not in self._base:  # first time this layer is adapted: keep W0 aside
+                self._base[name] = self._params[name].detach().clone()
+        self._lora = deltas
+        self._merge(deltas)
+
+    def _merge(self, deltas: list[LoraDelta]) -> None:
+        """Every adapted layer := W0 (+ its delta when `deltas` adapts it)."""
+        by_name = {d.module + ".weight": d for d in deltas}
+        for name, base in self._base.items():
+            d = by_name.get(name)
+            self._params[name].copy_(merged_weight(base, d) if d is not None else base)
+
+    def sleep(self) -> None:
+        """No accelerator memory to give back between rollouts: a no-op."""
+
+    def wake(self) -> None:
+        """A no-op, as `sleep` is."""

