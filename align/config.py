@@ -138,6 +138,8 @@ def _accepts(tp: Any) -> str:
         return " or ".join(_accepts(a) for a in get_args(tp))
     if origin is list:
         return f"a list of {_accepts(get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
@@ -155,6 +157,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 return _convert(value, arg, where)
             except ConfigError:
                 pass
+    elif origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
     elif origin is list:
         items = value if isinstance(value, list) else [value] if isinstance(value, str) else None
         if items is not None:

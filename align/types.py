@@ -39,11 +39,13 @@ class Sample:
 class Experience:
     """A padded learner batch; every tensor field is (B, T) unless its comment says otherwise.
 
-    Token t of `logprobs`-like fields is the log-probability of `input_ids[:, t]` given the tokens
-    before it, so position 0 is meaningless and always masked out by `action_mask`.
+    Layout: prompts are left-padded to P columns and completions right-padded after them, so every
+    completion starts at column P and the learner computes logits for the last T - P + 1 columns
+    only (`logits_to_keep`). Token t of `logprobs`-like fields is the log-probability of
+    `input_ids[:, t]` given the tokens before it; prompt columns are 0 and masked out.
     """
 
-    input_ids: Tensor  # (B, T) prompt + completion, right-padded
+    input_ids: Tensor  # (B, T) left-padded prompt + right-padded completion
     attention_mask: Tensor  # (B, T) 1 on real tokens
     action_mask: Tensor  # (B, T) 1 on completion tokens that the loss trains on
     rewards: Tensor  # (B,) scalar reward per sequence (None rewards already replaced, see `scored`)
@@ -55,20 +57,26 @@ class Experience:
     advantages: Tensor | None = None  # (B, T) or (B,) broadcast
     returns: Tensor | None = None  # (B, T) value targets
     truncated: Tensor | None = None  # (B,) bool: completion hit the token limit
+    prompt_len: int = 0  # P: completions start at this column
+
+    def __post_init__(self) -> None:
+        if not self.prompt_len:  # derive P from the masks when not given (first completion column)
+            cols = self.action_mask.any(0).nonzero()
+            self.prompt_len = int(cols[0]) if len(cols) else self.input_ids.shape[1]
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def tensors(self) -> dict[str, Tensor]:
-        """The fields that are set, by name: what `algorithm.loss(**fields)` receives."""
+        """The tensor fields that are set, by name: what `algorithm.loss(**fields)` receives."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if getattr(self, f.name) is not None}
+                if isinstance(getattr(self, f.name), Tensor)}
 
     def index(self, idx: Tensor | slice | list[int]) -> "Experience":
         """Rows `idx` of every tensor field (a micro-batch or a shuffled minibatch)."""
         if isinstance(idx, list):
             idx = torch.tensor(idx, dtype=torch.long)
-        return Experience(**{k: v[idx] for k, v in self.tensors().items()})
+        return Experience(**{k: v[idx] for k, v in self.tensors().items()}, prompt_len=self.prompt_len)
 
     def split(self, size: int) -> Iterator["Experience"]:
         """Consecutive chunks of at most `size` rows."""
@@ -77,13 +85,14 @@ class Experience:
 
     def to(self, device: torch.device | str) -> "Experience":
         """A copy with every tensor moved to `device`."""
-        return Experience(**{k: v.to(device) for k, v in self.tensors().items()})
+        return Experience(**{k: v.to(device) for k, v in self.tensors().items()}, prompt_len=self.prompt_len)
 
     @staticmethod
     def cat(parts: list["Experience"]) -> "Experience":
-        """Concatenate experiences with equal T along the batch dimension."""
+        """Concatenate experiences with equal T and P along the batch dimension."""
         names = parts[0].tensors().keys()
-        return Experience(**{k: torch.cat([p.tensors()[k] for p in parts]) for k in names})
+        return Experience(**{k: torch.cat([p.tensors()[k] for p in parts]) for k in names},
+                          prompt_len=parts[0].prompt_len)
 
 
 @dataclass

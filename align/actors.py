@@ -1,0 +1,81 @@
+"""A thin Ray layer (OpenRLHF's RayActorGroup, STYLE.md rule 9): place N copies of a worker class,
+run a method on all of them, get the results where the driver can see it.
+
+`debug=True` builds the same workers in this process instead (no Ray), so a run can be stepped
+through with a debugger; `get` then returns the values computed eagerly.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+
+@dataclass
+class Done:
+    """An eagerly computed result standing in for an ObjectRef in debug mode."""
+
+    value: Any
+
+
+def get(refs: Any) -> Any:
+    """`ray.get` for object refs (or lists of them); the value itself for debug-mode results."""
+    if isinstance(refs, list):
+        if refs and all(isinstance(r, Done) for r in refs):
+            return [r.value for r in refs]
+        return ray.get(refs)
+    return refs.value if isinstance(refs, Done) else ray.get(refs)
+
+
+def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
+    """Start (or join, with RAY_ADDRESS / `address`) Ray; a local cluster binds to localhost only."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                 _node_ip_address="127.0.0.1")
+
+
+class ActorGroup:
+    """N workers of one class, as Ray actors (or in-process objects in debug mode)."""
+
+    def __init__(self, cls: type, n: int, *args: Any, num_cpus: float = 1, env_threads: int = 1,
+                 debug: bool = False, **kwargs: Any):
+        self.debug = debug
+        if debug:
+            self.workers = [cls(*args, **kwargs) for _ in range(n)]
+            return
+        # Each actor process gets its thread count from its environment before torch starts, and
+        # PASSIVE OpenMP waiting so an idle actor does not spin on the cores the busy one needs.
+        env = {"OMP_NUM_THREADS": str(env_threads), "OMP_WAIT_POLICY": "PASSIVE",
+               "TOKENIZERS_PARALLELISM": "false"}
+        for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "ALIGN_CACHE", "WANDB_MODE"):
+            if key in os.environ:
+                env[key] = os.environ[key]
+        remote = ray.remote(num_cpus=num_cpus, runtime_env={"env_vars": env})(cls)
+        self.workers = [remote.remote(*args, **kwargs) for _ in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def run(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """Call `method(*args, **kwargs)` on every worker; returns refs (debug: `Done` values)."""
+        return [self.call(i, method, *args, **kwargs) for i in range(len(self.workers))]
+
+    def call(self, i: int, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call `method` on worker `i` only; returns a ref (debug: a `Done` value)."""
+        w = self.workers[i]
+        if self.debug:
+            return Done(getattr(w, method)(*args, **kwargs))
+        return getattr(w, method).remote(*args, **kwargs)
+
+    def kill(self) -> None:
+        """Stop every actor (no-op in debug mode)."""
+        if not self.debug:
+            for w in self.workers:
+                ray.kill(w)

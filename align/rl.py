@@ -1,0 +1,327 @@
+"""The online-RL stage: rollout -> reward -> select -> experience -> update -> sync -> log.
+
+    align rl examples/grpo.yaml algorithm.name=dapo          # from the shell
+    align.rl.run(load_config(RLConfig, "examples/grpo.yaml")) # from Python
+
+Workers are Ray actors (`train.debug=true` runs them in this process); the algorithm object decides
+selection, advantages and the loss, so nothing algorithm-specific appears in `run`'s loop.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import algorithms
+import rewards
+from align import actors, checkpoint
+from align.actors import ActorGroup
+from align.config import save_config, to_dict
+from align.experience import build_experience
+from align.models import load_tokenizer, resolve_model, set_threads
+from align.rl_config import RLConfig
+from align.tracking import Tracker
+from align.types import Sample
+from align.workers import PolicyLearner, ReferenceWorker, RolloutWorker
+
+
+# ----------------------------------------------------------------------------- prompts
+def load_prompts(cfg: RLConfig, tokenizer) -> tuple[list[dict], list[dict]]:
+    """(train rows, held-out rows), each with `text` (the engine prompt) and its other columns."""
+    from align.data import DataError, read_rows
+    from align.tasks import train_and_heldout
+
+    d = cfg.data
+    if d.path == "arithmetic":
+        train, held = train_and_heldout(d.train_size, d.eval_size, seed=cfg.train.seed)
+    else:
+        train = read_rows(d.path, d.split, d.max_examples)
+        held = read_rows(d.eval_path, d.split)[: d.eval_size] if d.eval_path else []
+    use_chat = d.template == "chat" or (d.template == "auto" and bool(tokenizer.chat_template))
+
+    def prepare(rows: list[dict], source: str) -> list[dict]:
+        out = []
+        for i, row in enumerate(rows):
+            if d.prompt_field not in row:
+                raise DataError(f"{source} row {i}: missing prompt field '{d.prompt_field}' (have: {sorted(row)})")
+            prompt = row[d.prompt_field]
+            msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt) + d.prompt_suffix}]
+            if isinstance(prompt, list) and d.prompt_suffix:
+                msgs = msgs[:-1] + [{**msgs[-1], "content": msgs[-1]["content"] + d.prompt_suffix}]
+            text = (tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) if use_chat
+                    else "\n".join(m["content"] for m in msgs))
+            if len(tokenizer(text, add_special_tokens=False)["input_ids"]) > d.max_prompt_length:
+                continue
+            out.append({"text": text, "columns": {k: v for k, v in row.items()
+                                                  if k not in (d.prompt_field, "completion")}})
+        if rows and not out:
+            raise DataError(f"{source}: every prompt is longer than data.max_prompt_length={d.max_prompt_length}")
+        return out
+
+    return prepare(train, d.path), prepare(held, d.eval_path or d.path)
+
+
+@dataclass
+class PromptStream:
+    """Endless seeded shuffles of the training prompts; `epoch` / `pos` make resume exact."""
+
+    rows: list[dict]
+    seed: int
+    epoch: int = 0
+    pos: int = 0
+    _order: list[int] = field(default_factory=list)
+
+    def take(self, n: int) -> list[dict]:
+        """The next `n` prompts."""
+        out = []
+        while len(out) < n:
+            if not self._order or self.pos >= len(self.rows):
+                if self._order:
+                    self.epoch, self.pos = self.epoch + 1, 0
+                self._order = list(range(len(self.rows)))
+                random.Random(self.seed * 1000 + self.epoch).shuffle(self._order)
+            out.append(self.rows[self._order[self.pos]])
+            self.pos += 1
+        return out
+
+
+# ----------------------------------------------------------------------------- the parts of a step
+class RLRun:
+    """Workers, reward runner and algorithm of one RL run; `step()` is one training step."""
+
+    def __init__(self, cfg: RLConfig, model: Any = None, tokenizer: Any = None):
+        self.cfg = cfg
+        set_threads(cfg.train.num_threads)
+        torch.manual_seed(cfg.train.seed)
+        self.tokenizer = tokenizer or load_tokenizer(cfg.model)
+        self.train_rows, self.heldout = load_prompts(cfg, self.tokenizer)
+        self.stream = PromptStream(self.train_rows, cfg.train.seed)
+        self.algo = algorithms.get(cfg.algorithm.name, **cfg.algorithm.params)
+        r = cfg.rollout
+        self.sampling = _sampling(r, n=r.n, temperature=r.temperature, seed=cfg.train.seed)
+        debug = cfg.train.debug
+        if not debug:
+            actors.init_ray(num_cpus=max(2, r.num_engines + 1))
+        path = model if model is not None else resolve_model(cfg.model.name)
+        self.engines = ActorGroup(RolloutWorker, r.num_engines, r.backend, path, self.tokenizer if model is not None else None,
+                                  dtype=r.dtype, num_threads=r.num_threads, seed=cfg.train.seed,
+                                  max_lora_rank=max(cfg.peft.r, 8), debug=debug, env_threads=r.num_threads or 2)
+        self.learner = ActorGroup(PolicyLearner, 1, cfg.model, cfg.peft, cfg.train.lr, cfg.train.steps,
+                                  weight_decay=cfg.train.weight_decay, warmup_steps=cfg.train.warmup_steps,
+                                  max_grad_norm=cfg.train.max_grad_norm, temperature=r.temperature,
+                                  micro_batch_size=cfg.algorithm.micro_batch_size, seed=cfg.train.seed,
+                                  num_threads=cfg.train.num_threads, model=model, debug=debug,
+                                  env_threads=cfg.train.num_threads or 2)
+        needs = self.algo.needs
+        self.reference = None
+        if needs.ref_logprobs and cfg.peft.method in ("full", "freeze", "bitfit"):
+            self.reference = ActorGroup(ReferenceWorker, 1, cfg.model, num_threads=cfg.train.num_threads,
+                                        model=model, temperature=r.temperature,
+                                        micro_batch_size=cfg.algorithm.micro_batch_size, debug=debug)
+        specs = [rewards.RewardSpec(f.name.split(":")[-1], f.name, weight=f.weight, on_error=f.on_error,
+                                    kwargs=f.kwargs) for f in cfg.reward.functions]
+        self.rewards = rewards.RewardRunner(specs)
+        self.step_no = 0
+
+    # -------------------------------------------------------------------- generate + score
+    def generate(self, rows: list[dict], sampling: Any, group_offset: int) -> tuple[list[Sample], float]:
+        """Samples for `rows`, spread over the engines; returns them and the slowest engine's seconds."""
+        n = len(self.engines)
+        parts = [rows[i::n] for i in range(n)]
+        refs, offsets = [], []
+        for i, part in enumerate(parts):
+            if part:
+                # rows i, i+n, ... go to engine i; group ids are assigned after, in row order
+                refs.append(self.engines.call(i, "generate", [p["text"] for p in part], sampling, 0,
+                                              [p["columns"] for p in part]))
+                offsets.append(i)
+        results = actors.get(refs)
+        by_row: list[list[Sample]] = [[] for _ in rows]
+        for i, (samples, _) in zip(offsets, results):
+            k = sampling.n
+            for j in range(len(samples) // k):
+                by_row[i + j * n] = samples[j * k:(j + 1) * k]
+        out = []
+        for r, group in enumerate(by_row):
+            for s in group:
+                s.group_id = group_offset + r
+                out.append(s)
+        return out, max(t for _, t in results)
+
+    def score(self, samples: list[Sample]) -> dict[str, float]:
+        """Set each sample's reward and components; returns the runner's metrics."""
+        columns: dict[str, list] = {}
+        for k in {k for s in samples for k in s.columns}:
+            columns[k] = [s.columns.get(k) for s in samples]
+        columns["completion_token_counts"] = [len(s.completion_ids) for s in samples]
+        res = self.rewards([s.prompt for s in samples], [s.completion for s in samples], columns)
+        for i, s in enumerate(samples):
+            s.reward = res.total[i]
+            s.reward_components = {name: vals[i] for name, vals in res.components.items()}
+        return res.metrics
+
+    # -------------------------------------------------------------------- one training step
+    def step(self) -> dict[str, Any]:
+        """Rollout -> reward -> select -> experience -> update -> sync; returns the step's metrics."""
+        t0, times, m = time.perf_counter(), {"generate": 0.0, "reward": 0.0}, {}
+        cfg, groups, round_, sel = self.cfg, [], 1, None
+        need, generated = cfg.rollout.prompts_per_step, []
+        while need > 0:
+            samples, dt = self.generate(self.stream.take(need), self.sampling, group_offset=len(groups))
+            times["generate"] += dt
+            t = time.perf_counter()
+            m.update(self.score(samples))
+            times["reward"] += time.perf_counter() - t
+            generated += samples
+            groups += _groups(samples)
+            sel = self.algo.select(groups, batch_groups=cfg.rollout.prompts_per_step, round=round_)
+            need, round_ = sel.need, round_ + 1
+        batch = [s for g in sel.groups for s in g]
+        exp = build_experience(batch, self.tokenizer.pad_token_id)
+        t = time.perf_counter()
+        off_policy = cfg.algorithm.epochs > 1 or cfg.algorithm.minibatches > 1
+        needs = self.algo.needs
+        lp = actors.get(self.learner.call(0, "logprobs", exp, old=needs.old_logprobs and off_policy,
+                                          ref=needs.ref_logprobs and self.reference is None))
+        if needs.ref_logprobs and self.reference is not None:
+            lp["ref_logprobs"] = actors.get(self.reference.call(0, "logprobs", exp))
+        for k, v in lp.items():
+            setattr(exp, k, v)
+        adv = self.algo.advantages(**exp.tensors())
+        exp.advantages = adv if isinstance(adv, torch.Tensor) else adv.advantages
+        times["logprob"] = time.perf_counter() - t
+        t = time.perf_counter()
+        m.update(actors.get(self.learner.call(0, "update", exp, self.algo, cfg.algorithm.epochs,
+                                              cfg.algorithm.minibatches)))
+        times["update"] = time.perf_counter() - t
+        t = time.perf_counter()
+        payload = actors.get(self.learner.call(0, "sync_payload"))
+        actors.get(self.engines.run("update", payload))
+        times["sync"] = time.perf_counter() - t
+        self.step_no += 1
+        m.update(sel.metrics)
+        m.update(_sample_metrics(generated, batch, self.cfg.reward.accuracy))
+        m.update({f"time/{k}": v for k, v in times.items()})
+        m["time/step"] = time.perf_counter() - t0
+        m["gen_tokens_per_s"] = sum(len(s.completion_ids) for s in generated) / max(times["generate"], 1e-9)
+        return m
+
+    # -------------------------------------------------------------------- eval, checkpoints
+    def evaluate(self) -> dict[str, float]:
+        """Greedy held-out accuracy (the `reward.accuracy` component) and mean reward."""
+        if not self.heldout:
+            return {}
+        greedy = _sampling(self.cfg.rollout, n=1, temperature=0.0, seed=0)
+        samples, _ = self.generate(self.heldout, greedy, 0)
+        self.score(samples)
+        out = {"eval/reward": _mean([s.reward for s in samples])}
+        if self.cfg.reward.accuracy:
+            out["eval/accuracy"] = _mean([s.reward_components.get(self.cfg.reward.accuracy) for s in samples])
+        return out
+
+    def save(self, run_dir: Path) -> Path:
+        """A checkpoint of the learner and the prompt stream (atomic, see align.checkpoint)."""
+        weights = actors.get(self.learner.call(0, "trainable_weights"))
+        state = actors.get(self.learner.call(0, "state"))
+        extra = {"step": self.step_no, "learner": state, "stream": [self.stream.epoch, self.stream.pos],
+                 "rng": checkpoint.rng_state()}
+        return checkpoint.save(run_dir / "checkpoints", self.step_no, weights, extra, to_dict(self.cfg),
+                               keep=self.cfg.train.keep_checkpoints)
+
+    def resume(self, run_dir: Path) -> bool:
+        """Load the newest complete checkpoint and push its weights to the engines."""
+        path = checkpoint.latest(run_dir / "checkpoints")
+        if path is None:
+            return False
+        weights, extra = checkpoint.load(path, to_dict(self.cfg))
+        actors.get(self.learner.call(0, "load", weights, extra["learner"]))
+        self.stream.epoch, self.stream.pos = extra["stream"]
+        self.stream._order = []
+        if self.stream.pos:  # rebuild this epoch's order, then continue at pos
+            self.stream._order = list(range(len(self.stream.rows)))
+            random.Random(self.stream.seed * 1000 + self.stream.epoch).shuffle(self.stream._order)
+        checkpoint.set_rng_state(extra["rng"])
+        self.step_no = extra["step"]
+        actors.get(self.engines.run("update", actors.get(self.learner.call(0, "sync_payload"))))
+        return True
+
+    def close(self) -> None:
+        """Stop reward pools and actors."""
+        self.rewards.close()
+        for g in (self.engines, self.learner, self.reference):
+            if g is not None:
+                g.kill()
+
+
+def _sampling(r, n: int, temperature: float, seed: int):
+    from rollout import SamplingParams
+
+    return SamplingParams(n=n, temperature=temperature, top_p=r.top_p, top_k=r.top_k,
+                          max_new_tokens=r.max_new_tokens, stop=list(r.stop), seed=None, logprobs=False)
+
+
+def _groups(samples: list[Sample]) -> list[list[Sample]]:
+    """Samples grouped by group id, in order."""
+    out: dict[int, list[Sample]] = {}
+    for s in samples:
+        out.setdefault(s.group_id, []).append(s)
+    return list(out.values())
+
+
+def _mean(xs: list) -> float:
+    vals = [float(x) for x in xs if x is not None]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def _sample_metrics(generated: list[Sample], batch: list[Sample], accuracy: str | None) -> dict[str, float]:
+    """Reward, accuracy, length and group statistics of a step."""
+    lengths = [len(s.completion_ids) for s in generated]
+    groups = _groups(generated)
+    zero_var = sum(1 for g in groups if len({s.reward for s in g if s.reward is not None}) <= 1)
+    out = {"reward": _mean([s.reward for s in generated]), "response_length/mean": sum(lengths) / len(lengths),
+           "response_length/max": max(lengths), "truncated_frac": sum(s.truncated for s in generated) / len(generated),
+           "zero_variance_group_frac": zero_var / len(groups), "samples_generated": len(generated),
+           "samples_trained": len(batch)}
+    if accuracy:
+        out["accuracy"] = _mean([s.reward_components.get(accuracy) for s in generated])
+    return out
+
+
+# ----------------------------------------------------------------------------- the driver
+def run(cfg: RLConfig, model: Any = None, tokenizer: Any = None) -> dict[str, Any]:
+    """Train as `cfg` says; returns {"before": eval, "after": eval, "history": per-step metrics}."""
+    run_dir = Path(cfg.train.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    rl = RLRun(cfg, model, tokenizer)
+    history: list[dict] = []
+    try:
+        if cfg.train.resume and rl.resume(run_dir):
+            print(f"[align] resumed from step {rl.step_no}", flush=True)
+        before = rl.evaluate() if cfg.train.eval_before and rl.step_no == 0 else {}
+        tracker = Tracker(run_dir, cfg.log, cfg.train.steps, rl.step_no, to_dict(cfg), desc="rl")
+        if before:
+            tracker.log(rl.step_no, before)
+        while rl.step_no < cfg.train.steps:
+            metrics = rl.step()  # rollout -> reward -> select -> experience -> update -> sync
+            if cfg.train.eval_every and rl.step_no % cfg.train.eval_every == 0 and rl.step_no < cfg.train.steps:
+                metrics.update(rl.evaluate())
+            if cfg.train.save_every and rl.step_no % cfg.train.save_every == 0:
+                rl.save(run_dir)
+            tracker.log(rl.step_no, metrics, advance=1, show=("reward", "accuracy", "time/step"))
+            history.append(metrics)
+        after = rl.evaluate()
+        tracker.log(rl.step_no, after)
+        rl.save(run_dir)
+        if cfg.train.save_final:
+            actors.get(rl.learner.call(0, "save_final", str(run_dir / "final"), rl.tokenizer))
+        tracker.close(plots={"reward": ["reward", "accuracy", "eval/accuracy"],
+                             "step_time": ["time/generate", "time/reward", "time/logprob", "time/update",
+                                           "time/sync"]})
+    finally:
+        rl.close()
+    return {"before": before, "after": after, "history": history, "run_dir": run_dir}

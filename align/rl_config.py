@@ -1,0 +1,106 @@
+"""The typed config of the online-RL stage (`align rl`): prompts, rollout, algorithm, rewards, loop."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from align.config import LogConfig, ModelConfig, PeftConfig
+
+
+@dataclass
+class PromptConfig:
+    """Where prompts come from and how they become engine inputs."""
+
+    path: str = "arithmetic"  # JSONL / JSON / Parquet / datasets name, or "arithmetic" (generated)
+    prompt_field: str = "prompt"  # column with the prompt (a string or chat messages); GSM8K: "question"
+    split: str = "train"  # split of a datasets name
+    eval_path: str | None = None  # held-out prompts (never trained on); "arithmetic" = generated
+    eval_size: int = 100  # held-out prompts used for accuracy
+    train_size: int = 2000  # generated problems when path is "arithmetic"
+    max_examples: int | None = None  # use only the first N training rows
+    template: Literal["auto", "chat", "none"] = "auto"  # chat template: auto = when the tokenizer has one
+    prompt_suffix: str = ""  # appended to every question (e.g. " Reply with only the final number.")
+    max_prompt_length: int = 512  # longer prompts are skipped and counted
+
+
+@dataclass
+class RolloutConfig:
+    """Generation: which engine, how many, and how to sample."""
+
+    backend: Literal["auto", "vllm", "hf"] = "hf"  # auto = vLLM where installed and usable, else HF
+    num_engines: int = 1  # rollout workers (each a Ray actor with its own engine)
+    num_threads: int = 0  # torch threads per engine (0 = all cores: engines and learners alternate)
+    dtype: str = "float32"  # engine weights' dtype (bfloat16 is faster where supported)
+    prompts_per_step: int = 8  # prompt groups per training batch
+    n: int = 4  # samples per prompt (the group size)
+    temperature: float = 0.7  # sampling temperature (logprobs are taken at this temperature)
+    top_p: float = 1.0  # nucleus sampling
+    top_k: int = 0  # top-k sampling (0 = off)
+    max_new_tokens: int = 64  # completion token limit
+    stop: list[str] = field(default_factory=list)  # stop strings
+    gpu_memory_utilization: float = 0.5  # vLLM on GPUs: share of GPU memory for the engine
+    tensor_parallel_size: int = 1  # vLLM tensor parallelism per engine
+
+
+@dataclass
+class AlgorithmConfig:
+    """Which algorithm, its hyper-parameters, and how many updates per rollout batch."""
+
+    name: str = "grpo"  # a registry name: grpo, dapo, gspo, dupo, ppo, rloo, reinforce_pp
+    params: dict[str, Any] = field(default_factory=dict)  # the algorithm's dataclass fields (validated)
+    epochs: int = 1  # passes over each rollout batch (> 1: off-policy ratios)
+    minibatches: int = 1  # optimizer steps per pass (> 1: off-policy ratios)
+    micro_batch_size: int = 8  # sequences per forward/backward (gradient accumulation inside a minibatch)
+
+
+@dataclass
+class RewardFnConfig:
+    """One reward function of the run."""
+
+    name: str = "math_accuracy"  # a registered reward, or "module:function" / "file.py:function"
+    weight: float = 1.0  # weight in the combined reward
+    kwargs: dict[str, Any] = field(default_factory=dict)  # constructor arguments
+    on_error: Literal["raise", "none"] = "raise"  # a raising function fails the run, or scores None
+
+
+@dataclass
+class RewardsConfig:
+    """The reward functions combined into each sample's reward."""
+
+    functions: list[RewardFnConfig] = field(default_factory=lambda: [RewardFnConfig()])  # combined by weight
+    accuracy: str | None = "math_accuracy"  # the component reported as accuracy (held-out too)
+
+
+@dataclass
+class RLTrainConfig:
+    """The RL loop."""
+
+    output_dir: str = "runs/rl"  # the run directory
+    seed: int = 0  # seeds prompt order, sampling and initialisation
+    steps: int = 20  # training steps (rollout + update)
+    lr: float = 2e-4  # learning rate (constant after warm-up)
+    warmup_steps: int = 0  # linear warm-up steps
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping (0 = off)
+    num_threads: int = 0  # torch threads for the learner (0 = all cores)
+    debug: bool = False  # run every worker in this process (no Ray), for stepping through
+    save_every: int = 0  # steps between checkpoints (0 = only at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    resume: bool = False  # continue from the newest complete checkpoint
+    eval_every: int = 0  # steps between held-out evals (0 = before and after only)
+    eval_before: bool = True  # measure held-out accuracy before training
+    save_final: bool = True  # write final/ (adapter or model) at the end
+
+
+@dataclass
+class RLConfig:
+    """Online RL: rollout -> reward -> select -> experience -> update -> sync -> log."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)  # the policy (and reference) model
+    peft: PeftConfig = field(default_factory=PeftConfig)  # the policy's fine-tuning method
+    data: PromptConfig = field(default_factory=PromptConfig)  # prompts
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # generation
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)  # losses and selection
+    reward: RewardsConfig = field(default_factory=RewardsConfig)  # reward functions
+    train: RLTrainConfig = field(default_factory=RLTrainConfig)  # the loop
+    log: LogConfig = field(default_factory=LogConfig)  # metrics sinks

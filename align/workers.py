@@ -1,0 +1,232 @@
+"""The workers of online RL, each a plain class that `ActorGroup` turns into Ray actors:
+
+- `RolloutWorker`: one rollout engine (vLLM or HF generate); takes weight updates.
+- `PolicyLearner`: the policy (a transformers model under any fine-tuning method) and its optimizer;
+  computes old / reference logprobs and runs the algorithm's loss. When the policy is a PEFT
+  adapter the reference is the same model with the adapter disabled: no second copy.
+- `ReferenceWorker`: a frozen copy of the initial policy, only for full / freeze / BitFit tuning.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Any
+
+import torch
+
+from align.config import ModelConfig, PeftConfig
+from align.experience import token_logprobs
+from align.models import load_causal_lm, set_threads
+from align.types import Experience, Sample
+from align.tuning import apply_tuning, is_peft, quantization_config, trainable_state_dict
+
+_MERGEABLE_ADAPTERS = {"lora", "dora", "adalora", "ia3", "qlora"}
+
+
+def _trim(exp: Experience) -> Experience:
+    """Drop trailing columns that are padding in every row (a micro-batch of short completions)."""
+    used = exp.attention_mask.any(0).nonzero()
+    last = int(used[-1]) + 1 if len(used) else exp.prompt_len + 1
+    if last >= exp.input_ids.shape[1]:
+        return exp
+    return Experience(**{k: (v[:, :last] if v.dim() == 2 else v) for k, v in exp.tensors().items()},
+                      prompt_len=exp.prompt_len)
+
+
+def _pad_to(x: torch.Tensor, T: int) -> torch.Tensor:
+    """Right-pad a (B, t) tensor with zeros to (B, T)."""
+    return torch.nn.functional.pad(x, (0, T - x.shape[1])) if x.shape[1] < T else x
+
+
+class RolloutWorker:
+    """One rollout engine behind the `RolloutEngine` protocol."""
+
+    def __init__(self, backend: str, model: Any, tokenizer: Any = None, dtype: str = "float32",
+                 num_threads: int = 0, seed: int = 0, max_lora_rank: int = 64, max_model_len: int | None = None,
+                 vllm_kwargs: dict | None = None):
+        from rollout import make_engine
+
+        threads = set_threads(num_threads)
+        self.engine = make_engine(backend, model=model, tokenizer=tokenizer, dtype=dtype, num_threads=threads,
+                                  enable_lora=True, max_lora_rank=max_lora_rank, seed=seed,
+                                  max_model_len=max_model_len, vllm_kwargs=vllm_kwargs)
+        self.backend = type(self.engine).__name__
+
+    def generate(self, prompts: list[str], sampling: Any, group_offset: int = 0,
+                 columns: list[dict] | None = None) -> tuple[list[Sample], float]:
+        """Samples for `prompts` and the seconds generation took."""
+        t0 = time.perf_counter()
+        out = self.engine.generate(prompts, sampling, group_offset=group_offset, columns=columns)
+        return out, time.perf_counter() - t0
+
+    def update(self, payload: dict[str, Any]) -> float:
+        """Load weights from `PolicyLearner.sync_payload`; returns the seconds it took."""
+        t0 = time.perf_counter()
+        if payload["kind"] == "lora":
+            self.engine.update_lora(payload["tensors"], payload["config"])
+        else:
+            self.engine.update_weights(payload["tensors"])
+        return time.perf_counter() - t0
+
+    def ping(self) -> bool:
+        """True once the worker is up (used to wait for actor start-up)."""
+        return True
+
+
+def _logprobs_in_chunks(model: torch.nn.Module, exp: Experience, micro: int, temperature: float) -> torch.Tensor:
+    """(B, T) token logprobs of `exp` without gradients, `micro` rows at a time."""
+    T = exp.input_ids.shape[1]
+    out = []
+    with torch.no_grad():
+        for mb in exp.split(micro):
+            mb = _trim(mb)
+            lp, _ = token_logprobs(model, mb.input_ids, mb.attention_mask, mb.prompt_len, temperature)
+            out.append(_pad_to(lp, T))
+    return torch.cat(out)
+
+
+class ReferenceWorker:
+    """The frozen initial policy, for KL terms when the policy is not a PEFT adapter."""
+
+    def __init__(self, model_cfg: ModelConfig, num_threads: int = 0, model: torch.nn.Module | None = None,
+                 temperature: float = 1.0, micro_batch_size: int = 8):
+        set_threads(num_threads)
+        self.model = (model if model is not None else load_causal_lm(model_cfg)).eval().requires_grad_(False)
+        self.temperature, self.micro = temperature, micro_batch_size
+
+    def logprobs(self, exp: Experience) -> torch.Tensor:
+        """(B, T) reference logprobs."""
+        return _logprobs_in_chunks(self.model, exp, self.micro, self.temperature)
+
+
+class PolicyLearner:
+    """The trainable policy, its optimizer and the update loop over one rollout batch."""
+
+    def __init__(self, model_cfg: ModelConfig, peft_cfg: PeftConfig, lr: float, total_steps: int,
+                 weight_decay: float = 0.0, warmup_steps: int = 0, max_grad_norm: float = 1.0,
+                 temperature: float = 1.0, micro_batch_size: int = 8, seed: int = 0, num_threads: int = 0,
+                 model: torch.nn.Module | None = None):
+        set_threads(num_threads)
+        torch.manual_seed(seed)
+        if model is None:
+            model = load_causal_lm(model_cfg, quantization_config(peft_cfg, model_cfg))
+        if peft_cfg.method in ("prefix", "prompt", "ptuning", "bitfit"):
+            raise ValueError(f"peft.method={peft_cfg.method} changes the model's structure in a way no rollout "
+                             "engine can serve yet; RL takes full, freeze, lora, qlora, dora, adalora or ia3")
+        self.model = apply_tuning(model, peft_cfg, total_steps=total_steps)
+        self.method = peft_cfg.method
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / (warmup_steps + 1)) if warmup_steps else 1.0)
+        self.max_grad_norm, self.temperature, self.micro = max_grad_norm, temperature, micro_batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.steps = 0
+        from align.tuning import after_backward_hook
+
+        self.after_step = after_backward_hook(self.model, peft_cfg)
+
+    # ------------------------------------------------------------------ experience
+    def logprobs(self, exp: Experience, old: bool, ref: bool) -> dict[str, torch.Tensor]:
+        """Behaviour-policy and/or reference logprobs of `exp` (reference = adapter disabled)."""
+        self.model.eval()
+        out = {}
+        if old:
+            out["old_logprobs"] = _logprobs_in_chunks(self.model, exp, self.micro, self.temperature)
+        if ref:
+            if not is_peft(self.model):
+                raise RuntimeError("reference logprobs of a non-PEFT policy come from a ReferenceWorker")
+            with self.model.disable_adapter():
+                out["ref_logprobs"] = _logprobs_in_chunks(self.model, exp, self.micro, self.temperature)
+        self.model.train()
+        return out
+
+    def update(self, exp: Experience, algorithm: Any, epochs: int = 1, minibatches: int = 1) -> dict[str, float]:
+        """`epochs` x `minibatches` optimizer steps of `algorithm.loss` over `exp`; mean metrics."""
+        from algorithms.core import normalizers
+
+        loss_fn = getattr(algorithm, "policy_loss", None) or algorithm.loss
+        sums: dict[str, float] = {}
+        weight = 0.0
+        ent_sum = ent_n = 0.0
+        B = len(exp)
+        size = math.ceil(B / minibatches)
+        skipped, norms = 0, []
+        for _ in range(epochs):
+            order = torch.randperm(B, generator=self.generator)
+            for start in range(0, B, size):
+                mini = exp.index(order[start:start + size])
+                counts = normalizers(mini.action_mask)
+                for mb in mini.split(self.micro):
+                    mb = _trim(mb)
+                    lp, ent = token_logprobs(self.model, mb.input_ids, mb.attention_mask, mb.prompt_len,
+                                             self.temperature, with_entropy=True)
+                    fields = {k: v for k, v in mb.tensors().items() if k not in ("input_ids", "attention_mask")}
+                    loss, metrics = loss_fn(logprobs=lp, **fields, **counts)
+                    loss.backward()
+                    w = float(mb.action_mask.sum())
+                    weight += w
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0.0) + float(v) * w
+                    ent_sum += float((ent * mb.action_mask).sum())
+                    ent_n += w
+                norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm or float("inf"))
+                norms.append(float(norm))
+                if torch.isfinite(norm):
+                    self.optimizer.step()
+                    if self.after_step is not None:
+                        self.after_step(self.steps)
+                else:
+                    skipped += 1
+                self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.steps += 1
+        out = {k: v / max(weight, 1.0) for k, v in sums.items()}
+        out.update(entropy=ent_sum / max(ent_n, 1.0), lr=self.scheduler.get_last_lr()[0], skipped_updates=skipped,
+                   grad_norm=sum(norms) / len(norms))
+        return out
+
+    # ------------------------------------------------------------------ weights
+    def sync_payload(self) -> dict[str, Any]:
+        """What the rollout engines need: LoRA tensors + config, or a full (merged) state dict."""
+        if self.method in ("lora", "qlora") and not getattr(self.model.peft_config["default"], "use_dora", False):
+            import peft
+
+            tensors = {k: v.detach().cpu() for k, v in peft.get_peft_model_state_dict(self.model).items()}
+            return {"kind": "lora", "tensors": tensors, "config": self.model.peft_config["default"].to_dict()}
+        if self.method in _MERGEABLE_ADAPTERS:  # DoRA / AdaLoRA / IA3: the engine takes merged weights
+            merged = copy.deepcopy(self.model).merge_and_unload()
+            return {"kind": "full", "tensors": {k: v.detach().cpu() for k, v in merged.state_dict().items()}}
+        return {"kind": "full", "tensors": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}}
+
+    def trainable_weights(self) -> dict[str, torch.Tensor]:
+        """The trainable parameters by name (what checkpoints store)."""
+        return trainable_state_dict(self.model)
+
+    def state(self) -> dict[str, Any]:
+        """Optimizer, scheduler, step counter and RNG: the rest of a checkpoint."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "steps": self.steps, "generator": self.generator.get_state()}
+
+    def load(self, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        """Restore what `trainable_weights` and `state` returned."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, w in weights.items():
+                params[n].copy_(w)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.steps = state["steps"]
+        self.generator.set_state(state["generator"])
+
+    def save_final(self, path: str, tokenizer: Any = None) -> str:
+        """Write the policy (adapter or whole model) in Hugging Face format."""
+        from pathlib import Path
+
+        from align.tuning import save_final
+
+        if tokenizer is None:
+            return str(self.model.save_pretrained(path) or path)
+        return str(save_final(self.model, tokenizer, Path(path)))
