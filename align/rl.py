@@ -218,7 +218,7 @@ class RLRun:
         greedy = _sampling(self.cfg.rollout, n=1, temperature=0.0, seed=0)
         samples, _ = self.generate(self.heldout, greedy, 0)
         self.score(samples)
-        out = {"eval/reward": _mean([s.reward for s in samples])}
+        out = {"eval/reward": _mean([s.reward for s in samples]), "eval/n": len(samples)}
         if self.cfg.reward.accuracy:
             out["eval/accuracy"] = _mean([s.reward_components.get(self.cfg.reward.accuracy) for s in samples])
         return out

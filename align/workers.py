@@ -143,38 +143,43 @@ class PolicyLearner:
         self.model.train()
         return out
 
-    def update(self, exp: Experience, algorithm: Any, epochs: int = 1, minibatches: int = 1) -> dict[str, float]:
-        """`epochs` x `minibatches` optimizer steps of `algorithm.loss` over `exp`; mean metrics."""
+    def backward(self, mini: Experience, loss_fn: Any, sums: dict[str, float]) -> float:
+        """Accumulate the gradient of one minibatch over micro-batches; returns its token count.
+
+        The loss is normalised by the whole minibatch's counts (algorithms/core.py), so the summed
+        micro-batch gradients equal the gradient of the minibatch in one piece (tested).
+        """
         from algorithms.core import normalizers
 
+        counts = normalizers(mini.action_mask)
+        weight = 0.0
+        for mb in mini.split(self.micro):
+            mb = _trim(mb)
+            lp, ent = token_logprobs(self.model, mb.input_ids, mb.attention_mask, mb.prompt_len,
+                                     self.temperature, with_entropy=True)
+            fields = {k: v for k, v in mb.tensors().items() if k not in ("input_ids", "attention_mask")}
+            loss, metrics = loss_fn(logprobs=lp, **fields, **counts)
+            loss.backward()
+            w = float(mb.action_mask.sum())
+            weight += w
+            metrics["entropy"] = float((ent * mb.action_mask).sum()) / max(w, 1.0)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * w
+        return weight
+
+    def update(self, exp: Experience, algorithm: Any, epochs: int = 1, minibatches: int = 1) -> dict[str, float]:
+        """`epochs` x `minibatches` optimizer steps of `algorithm.loss` over `exp`; token-weighted mean metrics."""
         loss_fn = getattr(algorithm, "policy_loss", None) or algorithm.loss
         sums: dict[str, float] = {}
-        weight = 0.0
-        ent_sum = ent_n = 0.0
-        B = len(exp)
-        size = math.ceil(B / minibatches)
-        skipped, norms = 0, []
+        weight, skipped, norms = 0.0, 0, []
+        size = math.ceil(len(exp) / minibatches)
         for _ in range(epochs):
-            order = torch.randperm(B, generator=self.generator)
-            for start in range(0, B, size):
-                mini = exp.index(order[start:start + size])
-                counts = normalizers(mini.action_mask)
-                for mb in mini.split(self.micro):
-                    mb = _trim(mb)
-                    lp, ent = token_logprobs(self.model, mb.input_ids, mb.attention_mask, mb.prompt_len,
-                                             self.temperature, with_entropy=True)
-                    fields = {k: v for k, v in mb.tensors().items() if k not in ("input_ids", "attention_mask")}
-                    loss, metrics = loss_fn(logprobs=lp, **fields, **counts)
-                    loss.backward()
-                    w = float(mb.action_mask.sum())
-                    weight += w
-                    for k, v in metrics.items():
-                        sums[k] = sums.get(k, 0.0) + float(v) * w
-                    ent_sum += float((ent * mb.action_mask).sum())
-                    ent_n += w
+            order = torch.randperm(len(exp), generator=self.generator)
+            for start in range(0, len(exp), size):
+                weight += self.backward(exp.index(order[start:start + size]), loss_fn, sums)
                 norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm or float("inf"))
                 norms.append(float(norm))
-                if torch.isfinite(norm):
+                if torch.isfinite(norm):  # a NaN / inf gradient skips the update and is counted
                     self.optimizer.step()
                     if self.after_step is not None:
                         self.after_step(self.steps)
@@ -184,8 +189,7 @@ class PolicyLearner:
         self.scheduler.step()
         self.steps += 1
         out = {k: v / max(weight, 1.0) for k, v in sums.items()}
-        out.update(entropy=ent_sum / max(ent_n, 1.0), lr=self.scheduler.get_last_lr()[0], skipped_updates=skipped,
-                   grad_norm=sum(norms) / len(norms))
+        out.update(lr=self.scheduler.get_last_lr()[0], skipped_updates=skipped, grad_norm=sum(norms) / len(norms))
         return out
 
     # ------------------------------------------------------------------ weights
