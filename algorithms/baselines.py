@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from algorithms.core import (KL_ESTIMATORS, LOSS_AGG_MODES, Needs, check_choice, clean_rewards, gae,
+from algorithms.core import (Selection, keep_all, KL_ESTIMATORS, LOSS_AGG_MODES, Needs, check_choice, clean_rewards, gae,
                              group_stats, kl_estimate, masked_sum, masked_whiten, policy_loss, token_rewards)
 from algorithms.registry import register
 
@@ -80,8 +80,12 @@ class RLOO:
 
     @property
     def needs(self) -> Needs:
-        """Old logprobs; the reference when there is a KL term; no critic."""
-        return Needs(old_logprobs=True, ref_logprobs=self.kl_coef > 0, values=False)
+        """Old and reference logprobs when there is a KL term (it is in the reward); no critic."""
+        return Needs(old_logprobs=self.kl_coef > 0, ref_logprobs=self.kl_coef > 0, values=False)
+
+    def select(self, groups: list, batch_groups: int | None = None, round: int = 1) -> Selection:
+        """Every generated group trains."""
+        return keep_all(groups)
 
     def advantages(self, *, rewards: Tensor, group_ids: Tensor, action_mask: Tensor | None = None,
                    scored: Tensor | None = None, old_logprobs: Tensor | None = None,
@@ -131,8 +135,12 @@ class ReinforcePP:
 
     @property
     def needs(self) -> Needs:
-        """Old logprobs; the reference when there is a KL term; no critic."""
-        return Needs(old_logprobs=True, ref_logprobs=self.kl_coef > 0, values=False)
+        """Old and reference logprobs when there is a KL term (it is in the reward); no critic."""
+        return Needs(old_logprobs=self.kl_coef > 0, ref_logprobs=self.kl_coef > 0, values=False)
+
+    def select(self, groups: list, batch_groups: int | None = None, round: int = 1) -> Selection:
+        """Every generated group trains."""
+        return keep_all(groups)
 
     def advantages(self, *, rewards: Tensor, action_mask: Tensor, group_ids: Tensor | None = None,
                    scored: Tensor | None = None, old_logprobs: Tensor | None = None,

@@ -35,7 +35,7 @@ __all__ = [
     "GroupStats", "aggregate", "normalizers", "masked_sum", "masked_mean", "masked_var",
     "masked_whiten", "kl_estimate", "entropy_from_logits", "clean_rewards", "group_stats",
     "log_ratio", "clipped_policy_loss", "policy_loss", "last_token_index", "token_rewards", "gae",
-    "reward_variance", "select_groups", "check_choice",
+    "reward_variance", "select_groups", "keep_all", "check_choice",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
 class Needs:
     """Which tensors the driver must compute before `advantages` / `loss` (Experience field names)."""
 
-    old_logprobs: bool = True  # behaviour-policy logprobs (learner forward before the update)
+    old_logprobs: bool = True  # behaviour-policy logprobs even on-policy (a KL in the reward uses them);
+    # the driver computes them anyway whenever updates are off-policy (epochs or minibatches > 1)
     ref_logprobs: bool = False  # reference-policy logprobs (KL in the reward or in the loss)
     values: bool = False  # critic values (PPO): the critic learner must exist
 
@@ -413,6 +414,11 @@ def _select_duplicate(groups: list[list[Sample]], batch_groups: int, rng: random
     extra = rng.choices(kept, k=batch_groups - len(kept))  # whole groups, with replacement
     metrics.update(duplicated_frac=len(extra) / batch_groups, all_zero_std=0.0)
     return Selection(groups=_renumber(kept + extra), metrics=metrics)
+
+
+def keep_all(groups: list[list[Sample]], batch_groups: int | None = None, round: int = 1) -> Selection:
+    """The identity selection: every generated group trains (PPO, RLOO, REINFORCE++, plain GRPO)."""
+    return Selection(groups=list(groups))
 
 
 def select_groups(groups: list[list[Sample]], mode: str, batch_groups: int | None = None, round: int = 1,

@@ -103,8 +103,9 @@ class GRPO:
 
     @property
     def needs(self) -> Needs:
-        """Old logprobs always; the reference only for a KL term; never a critic."""
-        return Needs(old_logprobs=True, ref_logprobs=self.kl_coef > 0, values=False)
+        """The reference only for a KL term; never a critic. Old logprobs only off-policy: on-policy the
+        ratio is 1 and its gradient is that of logprobs, as with old = logprobs.detach() (TRL)."""
+        return Needs(old_logprobs=False, ref_logprobs=self.kl_coef > 0, values=False)
 
     def select(self, groups: list[list[Sample]], batch_groups: int | None = None, round: int = 1) -> Selection:
         """Batch selection by `self.selection` (see core.select_groups): `groups` holds every group

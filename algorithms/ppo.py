@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from algorithms.core import (KL_ESTIMATORS, LOSS_AGG_MODES, Needs, aggregate, check_choice, clean_rewards,
+from algorithms.core import (Selection, keep_all, KL_ESTIMATORS, LOSS_AGG_MODES, Needs, aggregate, check_choice, clean_rewards,
                              gae, kl_estimate, masked_mean, masked_var, masked_whiten, policy_loss, token_rewards)
 from algorithms.registry import register
 
@@ -74,7 +74,12 @@ class PPO:
     @property
     def needs(self) -> Needs:
         """A critic always; the reference when there is a KL term (or a controller that may grow it)."""
-        return Needs(old_logprobs=True, ref_logprobs=self.kl_coef > 0 or self.adaptive_kl, values=True)
+        kl = self.kl_coef > 0 or self.adaptive_kl
+        return Needs(old_logprobs=kl and self.kl_mode == "reward", ref_logprobs=kl, values=True)
+
+    def select(self, groups: list, batch_groups: int | None = None, round: int = 1) -> Selection:
+        """Every generated group trains."""
+        return keep_all(groups)
 
     def update_kl(self, observed_kl: float, n_steps: int) -> float:
         """Ziegler's adaptive controller: beta *= 1 + clip(KL/target - 1, +-0.2) * n_steps / horizon.

@@ -2,6 +2,7 @@
 
     align sft examples/sft.yaml train.max_steps=50
     align rm examples/rm.yaml data.path=pairs.jsonl
+    align rl examples/grpo_arithmetic.yaml algorithm.name=dapo
     align merge runs/sft/final runs/sft/merged
 """
 from __future__ import annotations
@@ -34,6 +35,17 @@ def _rm(args: list[str]) -> None:
     rm.run(load_config(rm.RMConfig, path, overrides))
 
 
+def _rl(args: list[str]) -> None:
+    from align import rl
+    from align.rl_config import RLConfig
+
+    path, overrides = _split(args)
+    out = rl.run(load_config(RLConfig, path, overrides))
+    b, a = out["before"].get("eval/accuracy"), out["after"].get("eval/accuracy")
+    if a is not None:
+        print(f"[align] held-out accuracy: {b if b is not None else float('nan'):.1%} before -> {a:.1%} after")
+
+
 def _merge(args: list[str]) -> None:
     """Merge a saved adapter into its base model and save a plain Hugging Face model."""
     p = argparse.ArgumentParser(prog="align merge", description=_merge.__doc__)
@@ -51,7 +63,7 @@ def _merge(args: list[str]) -> None:
     print(f"[align] merged model written to {ns.out}")
 
 
-STAGES = {"sft": _sft, "rm": _rm, "merge": _merge}
+STAGES = {"sft": _sft, "rm": _rm, "rl": _rl, "merge": _merge}
 
 
 def main(argv: list[str] | None = None) -> int:

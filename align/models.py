@@ -122,14 +122,15 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def load_causal_lm(cfg: ModelConfig, quantization_config=None, head: str = "lm"):
-    """The model of `cfg.name`: a causal LM (`head="lm"`) or a one-scalar sequence classifier
-    (`head="score"`, for reward models and critics)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    """The model of `cfg.name`: a causal LM (`head="lm"`), a one-scalar sequence classifier
+    (`head="score"`, reward models) or a one-scalar-per-token head (`head="token"`, critics)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-    cls = AutoModelForCausalLM if head == "lm" else AutoModelForSequenceClassification
+    cls = {"lm": AutoModelForCausalLM, "score": AutoModelForSequenceClassification,
+           "token": AutoModelForTokenClassification}[head]
     kwargs = dict(dtype=_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
                   attn_implementation=cfg.attn_implementation)
-    if head == "score":
+    if head != "lm":
         kwargs["num_labels"] = 1
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
@@ -138,7 +139,7 @@ def load_causal_lm(cfg: ModelConfig, quantization_config=None, head: str = "lm")
         model = cls.from_pretrained(resolve_model(cfg.name), **kwargs)
     except OSError as exc:
         raise ModelNotFoundError(f"cannot load model.name={cfg.name!r}: {exc}") from None
-    if head == "score" and model.config.pad_token_id is None:
+    if head != "lm" and model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -8,6 +8,7 @@ selection, advantages and the loss, so nothing algorithm-specific appears in `ru
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from align.models import load_tokenizer, resolve_model, set_threads
 from align.rl_config import RLConfig
 from align.tracking import Tracker
 from align.types import Sample
-from align.workers import PolicyLearner, ReferenceWorker, RolloutWorker
+from align.workers import CriticLearner, PolicyLearner, ReferenceWorker, RolloutWorker
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -93,7 +94,7 @@ class PromptStream:
 class RLRun:
     """Workers, reward runner and algorithm of one RL run; `step()` is one training step."""
 
-    def __init__(self, cfg: RLConfig, model: Any = None, tokenizer: Any = None):
+    def __init__(self, cfg: RLConfig, model: Any = None, tokenizer: Any = None, critic_init: Any = None):
         self.cfg = cfg
         set_threads(cfg.train.num_threads)
         torch.manual_seed(cfg.train.seed)
@@ -122,6 +123,16 @@ class RLRun:
             self.reference = ActorGroup(ReferenceWorker, 1, cfg.model, num_threads=cfg.train.num_threads,
                                         model=model, temperature=r.temperature,
                                         micro_batch_size=cfg.algorithm.micro_batch_size, debug=debug)
+        self.critic = None
+        if needs.values:
+            c = cfg.critic
+            critic_model = dataclasses.replace(cfg.model, name=c.model or cfg.model.name)
+            critic_peft = dataclasses.replace(cfg.peft, method=c.method or cfg.peft.method)
+            self.critic = ActorGroup(CriticLearner, 1, critic_model, critic_peft, c.lr, cfg.train.steps,
+                                     max_grad_norm=cfg.train.max_grad_norm,
+                                     micro_batch_size=cfg.algorithm.micro_batch_size, seed=cfg.train.seed,
+                                     num_threads=cfg.train.num_threads, model=critic_init, debug=debug,
+                                     env_threads=cfg.train.num_threads or 2)
         specs = [rewards.RewardSpec(f.name.split(":")[-1], f.name, weight=f.weight, on_error=f.on_error,
                                     kwargs=f.kwargs) for f in cfg.reward.functions]
         self.rewards = rewards.RewardRunner(specs)
@@ -185,18 +196,28 @@ class RLRun:
         t = time.perf_counter()
         off_policy = cfg.algorithm.epochs > 1 or cfg.algorithm.minibatches > 1
         needs = self.algo.needs
-        lp = actors.get(self.learner.call(0, "logprobs", exp, old=needs.old_logprobs and off_policy,
+        lp = actors.get(self.learner.call(0, "logprobs", exp, old=needs.old_logprobs or off_policy,
                                           ref=needs.ref_logprobs and self.reference is None))
         if needs.ref_logprobs and self.reference is not None:
             lp["ref_logprobs"] = actors.get(self.reference.call(0, "logprobs", exp))
+        if self.critic is not None:
+            lp["values"] = actors.get(self.critic.call(0, "values", exp))
         for k, v in lp.items():
             setattr(exp, k, v)
         adv = self.algo.advantages(**exp.tensors())
-        exp.advantages = adv if isinstance(adv, torch.Tensor) else adv.advantages
+        if isinstance(adv, torch.Tensor):
+            exp.advantages = adv
+        else:  # PPO: GAE advantages, value targets and KL-controller metrics
+            exp.advantages, exp.returns = adv.advantages, adv.returns
+            m.update(adv.metrics)
         times["logprob"] = time.perf_counter() - t
         t = time.perf_counter()
-        m.update(actors.get(self.learner.call(0, "update", exp, self.algo, cfg.algorithm.epochs,
-                                              cfg.algorithm.minibatches)))
+        updates = [self.learner.call(0, "update", exp, self.algo, cfg.algorithm.epochs, cfg.algorithm.minibatches)]
+        if self.critic is not None:  # policy and critic are separate actors: they update concurrently
+            updates.append(self.critic.call(0, "update", exp, self.algo, cfg.algorithm.epochs,
+                                            cfg.algorithm.minibatches))
+        for result in actors.get(updates):
+            m.update(result)
         times["update"] = time.perf_counter() - t
         t = time.perf_counter()
         payload = actors.get(self.learner.call(0, "sync_payload"))
@@ -219,7 +240,7 @@ class RLRun:
         samples, _ = self.generate(self.heldout, greedy, 0)
         self.score(samples)
         out = {"eval/reward": _mean([s.reward for s in samples]), "eval/n": len(samples)}
-        if self.cfg.reward.accuracy:
+        if self.cfg.reward.accuracy and any(self.cfg.reward.accuracy in s.reward_components for s in samples):
             out["eval/accuracy"] = _mean([s.reward_components.get(self.cfg.reward.accuracy) for s in samples])
         return out
 
@@ -252,7 +273,7 @@ class RLRun:
     def close(self) -> None:
         """Stop reward pools and actors."""
         self.rewards.close()
-        for g in (self.engines, self.learner, self.reference):
+        for g in (self.engines, self.learner, self.reference, self.critic):
             if g is not None:
                 g.kill()
 
@@ -286,7 +307,7 @@ def _sample_metrics(generated: list[Sample], batch: list[Sample], accuracy: str 
            "response_length/max": max(lengths), "truncated_frac": sum(s.truncated for s in generated) / len(generated),
            "zero_variance_group_frac": zero_var / len(groups), "samples_generated": len(generated),
            "samples_trained": len(batch)}
-    if accuracy:
+    if accuracy and any(accuracy in s.reward_components for s in generated):
         out["accuracy"] = _mean([s.reward_components.get(accuracy) for s in generated])
     return out
 

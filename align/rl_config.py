@@ -72,6 +72,15 @@ class RewardsConfig:
 
 
 @dataclass
+class CriticConfig:
+    """The value model (PPO only): a token-level head on a causal LM."""
+
+    model: str | None = None  # base of the critic (default: the policy's model; a reward model's base is usual)
+    lr: float = 1e-4  # critic learning rate (verl: 1e-5 for full fine-tuning; LoRA wants more)
+    method: str | None = None  # fine-tuning method (default: the policy's peft.method)
+
+
+@dataclass
 class RLTrainConfig:
     """The RL loop."""
 
@@ -102,5 +111,6 @@ class RLConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)  # generation
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)  # losses and selection
     reward: RewardsConfig = field(default_factory=RewardsConfig)  # reward functions
+    critic: CriticConfig = field(default_factory=CriticConfig)  # the value model (PPO)
     train: RLTrainConfig = field(default_factory=RLTrainConfig)  # the loop
     log: LogConfig = field(default_factory=LogConfig)  # metrics sinks

@@ -8,6 +8,7 @@ Hugging Face model and starts out computing exactly what the base model computed
 """
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Callable
@@ -63,6 +64,13 @@ def _peft_config(cfg: PeftConfig, model: nn.Module, total_steps: int | None, tok
 
     common = dict(task_type=task_type)
     m = cfg.method
+    if task_type != "CAUSAL_LM" and cfg.target_modules == ["all-linear"]:
+        # peft's "all-linear" keeps the causal LM head out, not a classifier's: name the body's
+        # linear layers so the new head trains in full (modules_to_save) and carries no adapter
+        heads = {"score", "classifier", "lm_head"}
+        cfg = copy.copy(cfg)
+        cfg.target_modules = sorted({n.split(".")[-1] for n, mod in model.named_modules()
+                                     if isinstance(mod, nn.Linear) and n.split(".")[-1] not in heads})
     if m in ("lora", "qlora", "dora"):
         return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                target_modules=_targets(cfg), use_rslora=cfg.rslora,

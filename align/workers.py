@@ -22,6 +22,34 @@ from align.types import Experience, Sample
 from align.tuning import apply_tuning, is_peft, quantization_config, trainable_state_dict
 
 _MERGEABLE_ADAPTERS = {"lora", "dora", "adalora", "ia3", "qlora"}
+# Loss metrics of a micro-batch are its share of the minibatch loss (normalised by the minibatch's
+# counts): they add up over micro-batches. Every other metric is a per-token mean: token-weighted.
+_ADDITIVE = ("loss", "pg_loss", "value_loss")
+
+
+class MetricSums:
+    """Accumulates micro-batch metrics into per-update means (see `_ADDITIVE`)."""
+
+    def __init__(self) -> None:
+        self.weighted: dict[str, float] = {}
+        self.added: dict[str, float] = {}
+        self.tokens = 0.0
+        self.updates = 0
+
+    def add(self, metrics: dict[str, float], tokens: float, prefix: str = "") -> None:
+        """One micro-batch's metrics over `tokens` completion tokens."""
+        self.tokens += tokens
+        for k, v in metrics.items():
+            if k in _ADDITIVE:
+                self.added[prefix + k] = self.added.get(prefix + k, 0.0) + float(v)
+            else:
+                self.weighted[prefix + k] = self.weighted.get(prefix + k, 0.0) + float(v) * tokens
+
+    def means(self) -> dict[str, float]:
+        """Per-update means: losses averaged over optimizer updates, the rest over tokens."""
+        out = {k: v / max(self.tokens, 1.0) for k, v in self.weighted.items()}
+        out.update({k: v / max(self.updates, 1) for k, v in self.added.items()})
+        return out
 
 
 def _trim(exp: Experience) -> Experience:
@@ -143,8 +171,8 @@ class PolicyLearner:
         self.model.train()
         return out
 
-    def backward(self, mini: Experience, loss_fn: Any, sums: dict[str, float]) -> float:
-        """Accumulate the gradient of one minibatch over micro-batches; returns its token count.
+    def backward(self, mini: Experience, loss_fn: Any, sums: MetricSums) -> None:
+        """Accumulate the gradient of one minibatch over micro-batches, metrics into `sums`.
 
         The loss is normalised by the whole minibatch's counts (algorithms/core.py), so the summed
         micro-batch gradients equal the gradient of the minibatch in one piece (tested).
@@ -152,7 +180,6 @@ class PolicyLearner:
         from algorithms.core import normalizers
 
         counts = normalizers(mini.action_mask)
-        weight = 0.0
         for mb in mini.split(self.micro):
             mb = _trim(mb)
             lp, ent = token_logprobs(self.model, mb.input_ids, mb.attention_mask, mb.prompt_len,
@@ -161,22 +188,20 @@ class PolicyLearner:
             loss, metrics = loss_fn(logprobs=lp, **fields, **counts)
             loss.backward()
             w = float(mb.action_mask.sum())
-            weight += w
             metrics["entropy"] = float((ent * mb.action_mask).sum()) / max(w, 1.0)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * w
-        return weight
+            sums.add(metrics, w)
+        sums.updates += 1
 
     def update(self, exp: Experience, algorithm: Any, epochs: int = 1, minibatches: int = 1) -> dict[str, float]:
         """`epochs` x `minibatches` optimizer steps of `algorithm.loss` over `exp`; token-weighted mean metrics."""
         loss_fn = getattr(algorithm, "policy_loss", None) or algorithm.loss
-        sums: dict[str, float] = {}
-        weight, skipped, norms = 0.0, 0, []
+        sums = MetricSums()
+        skipped, norms = 0, []
         size = math.ceil(len(exp) / minibatches)
         for _ in range(epochs):
             order = torch.randperm(len(exp), generator=self.generator)
             for start in range(0, len(exp), size):
-                weight += self.backward(exp.index(order[start:start + size]), loss_fn, sums)
+                self.backward(exp.index(order[start:start + size]), loss_fn, sums)
                 norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm or float("inf"))
                 norms.append(float(norm))
                 if torch.isfinite(norm):  # a NaN / inf gradient skips the update and is counted
@@ -188,7 +213,7 @@ class PolicyLearner:
                 self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.steps += 1
-        out = {k: v / max(weight, 1.0) for k, v in sums.items()}
+        out = sums.means()
         out.update(lr=self.scheduler.get_last_lr()[0], skipped_updates=skipped, grad_norm=sum(norms) / len(norms))
         return out
 
@@ -234,3 +259,64 @@ class PolicyLearner:
         if tokenizer is None:
             return str(self.model.save_pretrained(path) or path)
         return str(save_final(self.model, tokenizer, Path(path)))
+
+
+class CriticLearner:
+    """The value model of PPO: a one-output token head on a causal LM, under any fine-tuning method,
+    with its own optimizer and learning rate. Values are aligned with logprobs: the value of the
+    action at column t is the head's output at column t - 1 (the state before token t)."""
+
+    def __init__(self, model_cfg: ModelConfig, peft_cfg: PeftConfig, lr: float, total_steps: int,
+                 max_grad_norm: float = 1.0, micro_batch_size: int = 8, seed: int = 0, num_threads: int = 0,
+                 model: torch.nn.Module | None = None):
+        set_threads(num_threads)
+        torch.manual_seed(seed)
+        if model is None:
+            model = load_causal_lm(model_cfg, quantization_config(peft_cfg, model_cfg), head="token")
+        self.model = apply_tuning(model, peft_cfg, total_steps=total_steps, task_type="TOKEN_CLS",
+                                  new_heads=("score", "classifier"))
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr)
+        self.max_grad_norm, self.micro = max_grad_norm, micro_batch_size
+        self.generator = torch.Generator().manual_seed(seed + 1)
+
+    def _values(self, mb: Experience) -> torch.Tensor:
+        """(b, t) values of a trimmed micro-batch (prompt columns 0)."""
+        pos = (mb.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=pos,
+                         use_cache=False).logits[..., 0].float()  # (b, t)
+        v = torch.zeros_like(out)
+        v[:, mb.prompt_len:] = out[:, mb.prompt_len - 1:-1]
+        return v
+
+    def values(self, exp: Experience) -> torch.Tensor:
+        """(B, T) values at rollout time."""
+        T = exp.input_ids.shape[1]
+        self.model.eval()
+        with torch.no_grad():
+            out = torch.cat([_pad_to(self._values(_trim(mb)), T) for mb in exp.split(self.micro)])
+        self.model.train()
+        return out * exp.action_mask
+
+    def update(self, exp: Experience, algorithm: Any, epochs: int = 1, minibatches: int = 1) -> dict[str, float]:
+        """Value-loss steps over `exp` (needs values and returns); token-weighted mean metrics."""
+        from algorithms.core import normalizers
+
+        sums = MetricSums()
+        size = math.ceil(len(exp) / minibatches)
+        for _ in range(epochs):
+            order = torch.randperm(len(exp), generator=self.generator)
+            for start in range(0, len(exp), size):
+                mini = exp.index(order[start:start + size])
+                counts = normalizers(mini.action_mask)
+                for mb in mini.split(self.micro):
+                    mb = _trim(mb)
+                    loss, metrics = algorithm.value_loss(new_values=self._values(mb), values=mb.values,
+                                                         returns=mb.returns, action_mask=mb.action_mask, **counts)
+                    loss.backward()
+                    sums.add(metrics, float(mb.action_mask.sum()), prefix="critic/")
+                sums.updates += 1
+                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm or float("inf"))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        return sums.means()

