@@ -19,6 +19,7 @@ import torch
 
 import algorithms
 import rewards
+from algorithms.online_pairs import OnlinePairs
 from align import actors, checkpoint
 from align.actors import ActorGroup
 from align.config import save_config, to_dict
@@ -102,6 +103,12 @@ class RLRun:
         self.train_rows, self.heldout = load_prompts(cfg, self.tokenizer)
         self.stream = PromptStream(self.train_rows, cfg.train.seed)
         self.algo = algorithms.get(cfg.algorithm.name, **cfg.algorithm.params)
+        if not hasattr(self.algo, "advantages"):  # a pairwise preference loss: online pairs from groups
+            if not hasattr(self.algo, "needs_reference") or cfg.algorithm.name == "kto":
+                raise ValueError(f"algorithm {cfg.algorithm.name!r} cannot run online; use dpo, orpo or simpo")
+            if cfg.algorithm.micro_batch_size % 2:
+                raise ValueError("online preference pairs need an even algorithm.micro_batch_size")
+            self.algo = OnlinePairs(self.algo)
         r = cfg.rollout
         self.sampling = _sampling(r, n=r.n, temperature=r.temperature, seed=cfg.train.seed)
         debug = cfg.train.debug
@@ -119,7 +126,7 @@ class RLRun:
                                   env_threads=cfg.train.num_threads or 2)
         needs = self.algo.needs
         self.reference = None
-        if needs.ref_logprobs and cfg.peft.method in ("full", "freeze", "bitfit"):
+        if needs.ref_logprobs and cfg.peft.method in ("full", "freeze"):
             self.reference = ActorGroup(ReferenceWorker, 1, cfg.model, num_threads=cfg.train.num_threads,
                                         model=model, temperature=r.temperature,
                                         micro_batch_size=cfg.algorithm.micro_batch_size, debug=debug)

@@ -62,6 +62,14 @@ def _trim(exp: Experience) -> Experience:
                       prompt_len=exp.prompt_len)
 
 
+def group_order(group_ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random row order that keeps each group's rows together (online preference pairs need
+    their two rows adjacent; for the other algorithms any order is as good as this one)."""
+    ids = group_ids.unique()
+    perm = ids[torch.randperm(len(ids), generator=generator)]
+    return torch.cat([(group_ids == g).nonzero().flatten() for g in perm])
+
+
 def _pad_to(x: torch.Tensor, T: int) -> torch.Tensor:
     """Right-pad a (B, t) tensor with zeros to (B, T)."""
     return torch.nn.functional.pad(x, (0, T - x.shape[1])) if x.shape[1] < T else x
@@ -199,7 +207,7 @@ class PolicyLearner:
         skipped, norms = 0, []
         size = math.ceil(len(exp) / minibatches)
         for _ in range(epochs):
-            order = torch.randperm(len(exp), generator=self.generator)
+            order = group_order(exp.group_ids, self.generator)
             for start in range(0, len(exp), size):
                 self.backward(exp.index(order[start:start + size]), loss_fn, sums)
                 norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm or float("inf"))

@@ -328,3 +328,32 @@ def test_bradley_terry_accepts_head_shape_and_grads():
     assert rw.grad[0, 0].item() == pytest.approx(-sig(-0.2) / 2, rel=1e-12)
     with pytest.raises(ValueError):
         bradley_terry_loss(t(1.0, 2.0), t(1.0))
+
+
+def test_online_pairs_select_best_and_worst_and_match_dpo():
+    """Online pairs: best/worst of each group; loss = DPO on summed completion logprobs; two
+    micro-batches (one pair each) add up to the loss of the whole minibatch."""
+    import torch
+
+    from algorithms.online_pairs import OnlinePairs
+    from align.types import Sample
+
+    def s(r, g):
+        return Sample(prompt="p", prompt_ids=[1], completion="c", completion_ids=[2], group_id=g, reward=r)
+
+    algo = OnlinePairs(algorithms.get("dpo", beta=0.5))
+    groups = [[s(0.0, 0), s(1.0, 0), s(0.5, 0)], [s(1.0, 1), s(1.0, 1)], [s(None, 2), s(0.2, 2), s(0.1, 2)]]
+    sel = algo.select(groups, 3)
+    assert [[x.reward for x in g] for g in sel.groups] == [[1.0, 0.0], [0.2, 0.1]]
+    assert sel.metrics["pair_frac"] == 2 / 3
+    lp = torch.tensor([[0.0, -1.0, -2.0], [0.0, -3.0, 0.0], [0.0, -0.5, -0.5], [0.0, -2.0, -1.0]])
+    ref = torch.tensor([[0.0, -1.5, -1.5], [0.0, -2.0, 0.0], [0.0, -1.0, -1.0], [0.0, -1.0, -1.0]])
+    mask = torch.tensor([[0, 1, 1], [0, 1, 0], [0, 1, 1], [0, 1, 1]])
+    gid = torch.tensor([0, 0, 1, 1])
+    loss, _ = algo.loss(logprobs=lp, action_mask=mask, group_ids=gid, ref_logprobs=ref, num_seqs=4)
+    h = torch.tensor([(-3.0 + 3.0) - (-3.0 + 2.0), (-1.0 + 2.0) - (-3.0 + 2.0)])  # chosen - rejected margins
+    want = -torch.nn.functional.logsigmoid(0.5 * h).mean()
+    assert torch.allclose(loss, want)
+    parts = sum(algo.loss(logprobs=lp[i:i + 2], action_mask=mask[i:i + 2], group_ids=gid[i:i + 2],
+                          ref_logprobs=ref[i:i + 2], num_seqs=4)[0] for i in (0, 2))
+    assert torch.allclose(parts, want)

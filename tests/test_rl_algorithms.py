@@ -17,6 +17,7 @@ SPECIFIC = {
     "gspo": ["clip_frac_low", "clip_frac_high", "ratio_mean"],
     "rloo": ["kl", "clip_frac_low"],
     "reinforce_pp": ["kl", "clip_frac_low"],
+    "dpo": ["rewards/accuracy", "rewards/margins", "pair_frac", "logps/chosen"],  # online pairs
 }
 
 
@@ -43,6 +44,8 @@ def test_algorithm_runs_end_to_end(tmp_path, model_dir, algo):
     assert len(steps) == 2
     for key in SPECIFIC[algo]:
         assert key in steps[-1], key
+    if algo == "dpo":
+        assert steps[-1]["samples_trained"] == 2 * steps[-1]["pairs"]
     if algo == "dupo":
         assert steps[-1]["samples_trained"] == 16  # the batch keeps its size
     if algo == "dapo":
