@@ -99,6 +99,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     resume: bool = False  # continue from the newest complete checkpoint in output_dir
     num_threads: int = 0  # torch threads for this process (0 = all cores)
+    autocast: Literal["none", "bfloat16"] = "none"  # forward/backward in bf16 autocast (about 3x faster on AVX512-BF16 CPUs)
     save_merged: bool = False  # final/: merged plain model instead of the adapter
 
 

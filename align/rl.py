@@ -123,7 +123,7 @@ class RLRun:
                                   max_grad_norm=cfg.train.max_grad_norm, temperature=r.temperature,
                                   micro_batch_size=cfg.algorithm.micro_batch_size, seed=cfg.train.seed,
                                   num_threads=cfg.train.num_threads, model=model, debug=debug,
-                                  env_threads=cfg.train.num_threads or 2)
+                                  env_threads=cfg.train.num_threads or 2, amp=cfg.train.autocast)
         needs = self.algo.needs
         self.reference = None
         if needs.ref_logprobs and cfg.peft.method in ("full", "freeze"):
@@ -139,7 +139,7 @@ class RLRun:
                                      max_grad_norm=cfg.train.max_grad_norm,
                                      micro_batch_size=cfg.algorithm.micro_batch_size, seed=cfg.train.seed,
                                      num_threads=cfg.train.num_threads, model=critic_init, debug=debug,
-                                     env_threads=cfg.train.num_threads or 2)
+                                     env_threads=cfg.train.num_threads or 2, amp=cfg.train.autocast)
         specs = [rewards.RewardSpec(f.name.split(":")[-1], f.name, weight=f.weight, on_error=f.on_error,
                                     kwargs=f.kwargs) for f in cfg.reward.functions]
         self.rewards = rewards.RewardRunner(specs)

@@ -74,6 +74,11 @@ class Trainer:
             self.optimizer, lr_lambda(train_cfg.scheduler, warmup, self.total_steps))
         self.step = 0
 
+    def _autocast(self):
+        """bf16 autocast around the loss when `train.autocast` asks for it (losses are float32)."""
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=self.cfg.autocast == "bfloat16")
+
     # ------------------------------------------------------------------ data order
     def _micro_batch(self, index: int) -> dict[str, Any]:
         """Micro-batch number `index` counted from the start of training (epochs reshuffle by seed)."""
@@ -122,7 +127,8 @@ class Trainer:
             batch = self.collate_fn(list(self.eval_examples[i:i + bs]))
             n = batch.pop("num_targets")
             batch.pop("num_tokens", None)
-            loss, metrics = self.loss_fn(self.model, batch)
+            with self._autocast():
+                loss, metrics = self.loss_fn(self.model, batch)
             total += loss.item()
             count += n
             for k, v in metrics.items():
@@ -167,7 +173,8 @@ class Trainer:
         tokens = sum(int(b.pop("num_tokens", b["input_ids"].numel())) for b in batches)
         loss_sum, sums = 0.0, {}
         for batch in batches:
-            loss, metrics = self.loss_fn(self.model, batch)
+            with self._autocast():
+                loss, metrics = self.loss_fn(self.model, batch)
             (loss / targets).backward()
             loss_sum += loss.item()
             for k, v in metrics.items():
