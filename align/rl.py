@@ -38,8 +38,8 @@ def load_prompts(cfg: RLConfig, tokenizer) -> tuple[list[dict], list[dict]]:
     from align.tasks import train_and_heldout
 
     d = cfg.data
-    if d.path == "arithmetic":
-        train, held = train_and_heldout(d.train_size, d.eval_size, seed=cfg.train.seed)
+    if d.path == "arithmetic":  # the instruction is prompt_suffix (appended below), not the generator's
+        train, held = train_and_heldout(d.train_size, d.eval_size, seed=cfg.train.seed, suffix="")
     else:
         train = read_rows(d.path, d.split, d.max_examples)
         held = read_rows(d.eval_path, d.split)[: d.eval_size] if d.eval_path else []

@@ -16,14 +16,15 @@ TEMPLATES = [
     ("{n} has {a} {item} and gives away {b}. How many {item} does {n} have left?", "-"),
     ("{n} collects {a} {item} on Monday and {b} on Tuesday. How many {item} in total?", "+"),
 ]
-SUFFIX = " Reply with only the final number."
+SUFFIX = " Reply with only the final number."  # the default instruction (RL presets may set their own)
 
 
 def _key(row: dict[str, Any]) -> tuple:
     return row["_key"]
 
 
-def arithmetic_problems(n: int, seed: int = 0, lo: int = 2, hi: int = 60, exclude: set | None = None) -> list[dict]:
+def arithmetic_problems(n: int, seed: int = 0, lo: int = 2, hi: int = 60, exclude: set | None = None,
+                        suffix: str = SUFFIX) -> list[dict]:
     """`n` distinct word problems: rows with `prompt` (chat messages), `answer` and `completion`."""
     rng = random.Random(seed)
     rows, seen = [], set(exclude or ())
@@ -38,7 +39,7 @@ def arithmetic_problems(n: int, seed: int = 0, lo: int = 2, hi: int = 60, exclud
             continue
         seen.add(key)
         text, op = TEMPLATES[t]
-        question = text.format(n=name, a=a, b=b, item=item) + SUFFIX
+        question = text.format(n=name, a=a, b=b, item=item) + suffix
         answer = a + b if op == "+" else a - b
         # The demonstration writes the sum out: a 135M model gets far more right that way.
         rows.append({"prompt": [{"role": "user", "content": question}], "answer": str(answer),
@@ -46,10 +47,10 @@ def arithmetic_problems(n: int, seed: int = 0, lo: int = 2, hi: int = 60, exclud
     return rows
 
 
-def train_and_heldout(n_train: int, n_eval: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+def train_and_heldout(n_train: int, n_eval: int, seed: int = 0, suffix: str = SUFFIX) -> tuple[list[dict], list[dict]]:
     """A held-out set first, then a train set that excludes every held-out question."""
-    heldout = arithmetic_problems(n_eval, seed=seed + 1_000_003)
-    train = arithmetic_problems(n_train, seed=seed, exclude={_key(r) for r in heldout})
+    heldout = arithmetic_problems(n_eval, seed=seed + 1_000_003, suffix=suffix)
+    train = arithmetic_problems(n_train, seed=seed, exclude={_key(r) for r in heldout}, suffix=suffix)
     for r in heldout + train:
         r.pop("_key")
     return train, heldout
