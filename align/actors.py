@@ -45,7 +45,10 @@ class ActorGroup:
     """N workers of one class, as Ray actors (or in-process objects in debug mode)."""
 
     def __init__(self, cls: type, n: int, *args: Any, num_cpus: float = 1, env_threads: int = 1,
-                 debug: bool = False, **kwargs: Any):
+                 debug: bool = False, max_restarts: int = 0, **kwargs: Any):
+        """`max_restarts` > 0: Ray restarts a dead actor (re-running its constructor) and re-runs the
+        call that was in flight; the caller must notice the fresh state (rollout workers report a
+        weights version for that)."""
         self.debug = debug
         if debug:
             self.workers = [cls(*args, **kwargs) for _ in range(n)]
@@ -57,7 +60,10 @@ class ActorGroup:
         for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "ALIGN_CACHE", "WANDB_MODE"):
             if key in os.environ:
                 env[key] = os.environ[key]
-        remote = ray.remote(num_cpus=num_cpus, runtime_env={"env_vars": env})(cls)
+        opts: dict[str, Any] = dict(num_cpus=num_cpus, runtime_env={"env_vars": env})
+        if max_restarts:
+            opts.update(max_restarts=max_restarts, max_task_retries=max_restarts)
+        remote = ray.remote(**opts)(cls)
         self.workers = [remote.remote(*args, **kwargs) for _ in range(n)]
 
     def __len__(self) -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 
 import algorithms
@@ -117,7 +118,11 @@ class RLRun:
         path = model if model is not None else resolve_model(cfg.model.name)
         self.engines = ActorGroup(RolloutWorker, r.num_engines, r.backend, path, self.tokenizer if model is not None else None,
                                   dtype=r.dtype, num_threads=r.num_threads, seed=cfg.train.seed,
-                                  max_lora_rank=max(cfg.peft.r, 8), debug=debug, env_threads=r.num_threads or 2)
+                                  max_lora_rank=max(cfg.peft.r, 8), debug=debug, env_threads=r.num_threads or 2,
+                                  max_restarts=cfg.train.max_actor_restarts)
+        self.version = 0  # weights version the engines should hold (bumped at every sync)
+        self.restarts = 0  # rollout workers found restarted (and re-synced) so far
+        self.nonfinite = 0  # updates skipped for NaN / inf so far
         self.learner = ActorGroup(PolicyLearner, 1, cfg.model, cfg.peft, cfg.train.lr, cfg.train.steps,
                                   weight_decay=cfg.train.weight_decay, warmup_steps=cfg.train.warmup_steps,
                                   max_grad_norm=cfg.train.max_grad_norm, temperature=r.temperature,
@@ -158,8 +163,14 @@ class RLRun:
                                               [p["columns"] for p in part]))
                 offsets.append(i)
         results = actors.get(refs)
+        for j, (i, (_, _, version)) in enumerate(zip(offsets, results)):
+            if version != self.version:  # the worker died and Ray restarted it: re-sync, re-ask
+                self.restarts += 1
+                actors.get(self.engines.call(i, "update", self._payload()))
+                results[j] = actors.get(self.engines.call(i, "generate", [p["text"] for p in parts[i]], sampling,
+                                                          0, [p["columns"] for p in parts[i]]))
         by_row: list[list[Sample]] = [[] for _ in rows]
-        for i, (samples, _) in zip(offsets, results):
+        for i, (samples, _, _) in zip(offsets, results):
             k = sampling.n
             for j in range(len(samples) // k):
                 by_row[i + j * n] = samples[j * k:(j + 1) * k]
@@ -168,7 +179,13 @@ class RLRun:
             for s in group:
                 s.group_id = group_offset + r
                 out.append(s)
-        return out, max(t for _, t in results)
+        return out, max(t for _, t, _ in results)
+
+    def _payload(self) -> dict[str, Any]:
+        """The learner's weights for the engines, stamped with the current version."""
+        payload = actors.get(self.learner.call(0, "sync_payload"))
+        payload["version"] = self.version
+        return payload
 
     def score(self, samples: list[Sample]) -> dict[str, float]:
         """Set each sample's reward and components; returns the runner's metrics."""
@@ -227,9 +244,15 @@ class RLRun:
             m.update(result)
         times["update"] = time.perf_counter() - t
         t = time.perf_counter()
-        payload = actors.get(self.learner.call(0, "sync_payload"))
-        actors.get(self.engines.run("update", payload))
+        self.version += 1
+        actors.get(self.engines.run("update", self._payload()))
         times["sync"] = time.perf_counter() - t
+        m["engine_restarts"] = self.restarts
+        self.nonfinite += int(m.get("skipped_updates", 0))
+        m["nonfinite_total"] = self.nonfinite
+        if self.nonfinite > cfg.train.max_nonfinite:
+            raise FloatingPointError(f"{self.nonfinite} updates skipped for a NaN / inf loss or gradient "
+                                     f"(train.max_nonfinite={cfg.train.max_nonfinite}): stopping at step {self.step_no}")
         self.step_no += 1
         m.update(sel.metrics)
         m.update(_sample_metrics(generated, batch, self.cfg.reward.accuracy))
@@ -274,7 +297,8 @@ class RLRun:
             random.Random(self.stream.seed * 1000 + self.stream.epoch).shuffle(self.stream._order)
         checkpoint.set_rng_state(extra["rng"])
         self.step_no = extra["step"]
-        actors.get(self.engines.run("update", actors.get(self.learner.call(0, "sync_payload"))))
+        self.version += 1
+        actors.get(self.engines.run("update", self._payload()))
         return True
 
     def close(self) -> None:
@@ -335,7 +359,14 @@ def run(cfg: RLConfig, model: Any = None, tokenizer: Any = None) -> dict[str, An
         if before:
             tracker.log(rl.step_no, before)
         while rl.step_no < cfg.train.steps:
-            metrics = rl.step()  # rollout -> reward -> select -> experience -> update -> sync
+            try:
+                metrics = rl.step()  # rollout -> reward -> select -> experience -> update -> sync
+            except ray.exceptions.RayActorError as exc:  # rollout workers restart; a learner does not
+                last = checkpoint.latest(run_dir / "checkpoints")
+                raise RuntimeError(
+                    f"a learner actor died during step {rl.step_no + 1} ({type(exc).__name__}); "
+                    f"newest checkpoint: {last or 'none'}. Run the same command with train.resume=true "
+                    "to continue from it") from None
             if cfg.train.eval_every and rl.step_no % cfg.train.eval_every == 0 and rl.step_no < cfg.train.steps:
                 metrics.update(rl.evaluate())
             if cfg.train.save_every and rl.step_no % cfg.train.save_every == 0:

@@ -94,6 +94,8 @@ class RLTrainConfig:
     num_threads: int = 0  # torch threads for the learner (0 = all cores)
     autocast: Literal["none", "bfloat16"] = "none"  # learner forward/backward in bf16 autocast (3x faster on AVX512-BF16 CPUs)
     debug: bool = False  # run every worker in this process (no Ray), for stepping through
+    max_actor_restarts: int = 3  # a rollout worker that dies is restarted this many times (then the run stops)
+    max_nonfinite: int = 3  # updates skipped for a NaN / inf loss or gradient before the run stops
     save_every: int = 0  # steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept
     resume: bool = False  # continue from the newest complete checkpoint

@@ -95,17 +95,20 @@ class RolloutWorker:
                                   enable_lora=True, max_lora_rank=max_lora_rank, seed=seed,
                                   max_model_len=max_model_len, vllm_kwargs=vllm_kwargs)
         self.backend = type(self.engine).__name__
+        self.version = 0  # weights version last loaded; 0 = the initial checkpoint (also after a restart)
 
     def generate(self, prompts: list[str], sampling: Any, group_offset: int = 0,
-                 columns: list[dict] | None = None) -> tuple[list[Sample], float]:
-        """Samples for `prompts` and the seconds generation took."""
+                 columns: list[dict] | None = None) -> tuple[list[Sample], float, int]:
+        """Samples for `prompts`, the seconds generation took, and the weights version that made them
+        (a restarted worker reports 0, so the driver re-syncs it and asks again)."""
         t0 = time.perf_counter()
         out = self.engine.generate(prompts, sampling, group_offset=group_offset, columns=columns)
-        return out, time.perf_counter() - t0
+        return out, time.perf_counter() - t0, self.version
 
     def update(self, payload: dict[str, Any]) -> float:
         """Load weights from `PolicyLearner.sync_payload`; returns the seconds it took."""
         t0 = time.perf_counter()
+        self.version = payload.get("version", self.version + 1)
         if payload["kind"] == "lora":
             self.engine.update_lora(payload["tensors"], payload["config"])
         else:

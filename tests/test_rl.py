@@ -125,3 +125,48 @@ def test_microbatch_accumulation_equals_one_batch(tmp_path):
     one, parts = grads(9), grads(2)
     for n in one:
         assert torch.allclose(one[n], parts[n], atol=1e-6, rtol=1e-4), n
+
+
+def test_dead_rollout_worker_is_restarted_and_the_step_completes(tmp_path):
+    """Kill the rollout actor between steps: Ray restarts it, the driver sees its weights version
+    reset, re-syncs it and re-asks for the samples; the step completes with synced weights."""
+    import ray
+
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    run = rl.RLRun(_cfg(tmp_path, model_dir, "train.debug=false", "train.steps=3"))
+    try:
+        run.step()
+        ray.kill(run.engines.workers[0], no_restart=False)
+        m = run.step()
+        assert m["engine_restarts"] == 1 and run.step_no == 2
+        version = ray.get(run.engines.workers[0].generate.remote(["hi"], rl._sampling(
+            run.cfg.rollout, n=1, temperature=0.0, seed=0)))[2]
+        assert version == run.version
+    finally:
+        run.close()
+
+
+def test_nonfinite_updates_are_skipped_counted_and_stop_the_run(tmp_path):
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    run = rl.RLRun(_cfg(tmp_path, model_dir, "train.debug=true", "train.max_nonfinite=1"))
+    learner = run.learner.workers[0]
+    original = learner.backward
+
+    def poisoned(mini, loss_fn, sums):  # a NaN loss, as an overflow would give
+        def nan_loss(**kw):
+            loss, m = loss_fn(**kw)
+            return loss * float("nan"), m
+        return original(mini, nan_loss, sums)
+
+    try:
+        before = {n: p.detach().clone() for n, p in learner.model.named_parameters() if p.requires_grad}
+        learner.backward = poisoned
+        m = run.step()
+        assert m["skipped_updates"] == 1 and m["nonfinite_total"] == 1
+        for n, p in learner.model.named_parameters():
+            if p.requires_grad:
+                assert torch.equal(p, before[n]), n  # the poisoned update was not applied
+        with pytest.raises(FloatingPointError, match="2 updates skipped"):
+            run.step()
+    finally:
+        run.close()
