@@ -73,6 +73,10 @@ class ActorGroup:
         """Call `method(*args, **kwargs)` on every worker; returns refs (debug: `Done` values)."""
         return [self.call(i, method, *args, **kwargs) for i in range(len(self.workers))]
 
+    def run_each(self, method: str, args: list[tuple]) -> list[Any]:
+        """Call `method(*args[i])` on worker i, for every worker; returns refs (debug: values)."""
+        return [self.call(i, method, *a) for i, a in enumerate(args)]
+
     def call(self, i: int, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call `method` on worker `i` only; returns a ref (debug: a `Done` value)."""
         w = self.workers[i]

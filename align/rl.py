@@ -9,6 +9,7 @@ selection, advantages and the loss, so nothing algorithm-specific appears in `ru
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -113,8 +114,9 @@ class RLRun:
         r = cfg.rollout
         self.sampling = _sampling(r, n=r.n, temperature=r.temperature, seed=cfg.train.seed)
         debug = cfg.train.debug
-        if not debug:
-            actors.init_ray(num_cpus=max(2, r.num_engines + 1))
+        if not debug:  # one logical CPU per actor: engines and learners take turns on the real cores
+            n_actors = r.num_engines + cfg.train.num_learners + 2  # + critic and reference, when present
+            actors.init_ray(num_cpus=max(n_actors, os.cpu_count() or 1))
         path = model if model is not None else resolve_model(cfg.model.name)
         self.engines = ActorGroup(RolloutWorker, r.num_engines, r.backend, path, self.tokenizer if model is not None else None,
                                   dtype=r.dtype, num_threads=r.num_threads, seed=cfg.train.seed,
@@ -123,12 +125,18 @@ class RLRun:
         self.version = 0  # weights version the engines should hold (bumped at every sync)
         self.restarts = 0  # rollout workers found restarted (and re-synced) so far
         self.nonfinite = 0  # updates skipped for NaN / inf so far
-        self.learner = ActorGroup(PolicyLearner, 1, cfg.model, cfg.peft, cfg.train.lr, cfg.train.steps,
+        if debug and cfg.train.num_learners > 1:
+            raise ValueError("train.num_learners > 1 needs Ray (train.debug=false): learners run concurrently")
+        self.learner = ActorGroup(PolicyLearner, cfg.train.num_learners, cfg.model, cfg.peft, cfg.train.lr, cfg.train.steps,
                                   weight_decay=cfg.train.weight_decay, warmup_steps=cfg.train.warmup_steps,
                                   max_grad_norm=cfg.train.max_grad_norm, temperature=r.temperature,
                                   micro_batch_size=cfg.algorithm.micro_batch_size, seed=cfg.train.seed,
                                   num_threads=cfg.train.num_threads, model=model, debug=debug,
                                   env_threads=cfg.train.num_threads or 2, amp=cfg.train.autocast)
+        if cfg.train.num_learners > 1:  # one process group; every learner takes the same averaged step
+            port = _free_port()
+            actors.get(self.learner.run_each("init_distributed", [(i, cfg.train.num_learners, port)
+                                                                  for i in range(cfg.train.num_learners)]))
         needs = self.algo.needs
         self.reference = None
         if needs.ref_logprobs and cfg.peft.method in ("full", "freeze"):
@@ -220,8 +228,11 @@ class RLRun:
         t = time.perf_counter()
         off_policy = cfg.algorithm.epochs > 1 or cfg.algorithm.minibatches > 1
         needs = self.algo.needs
-        lp = actors.get(self.learner.call(0, "logprobs", exp, old=needs.old_logprobs or off_policy,
-                                          ref=needs.ref_logprobs and self.reference is None))
+        shards = _shard(exp, len(self.learner))  # whole groups per learner
+        parts = actors.get([self.learner.call(i, "logprobs", sh, old=needs.old_logprobs or off_policy,
+                                              ref=needs.ref_logprobs and self.reference is None)
+                            for i, sh in enumerate(shards)])
+        lp = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         if needs.ref_logprobs and self.reference is not None:
             lp["ref_logprobs"] = actors.get(self.reference.call(0, "logprobs", exp))
         if self.critic is not None:
@@ -236,11 +247,16 @@ class RLRun:
             m.update(adv.metrics)
         times["logprob"] = time.perf_counter() - t
         t = time.perf_counter()
-        updates = [self.learner.call(0, "update", exp, self.algo, cfg.algorithm.epochs, cfg.algorithm.minibatches)]
+        shards = _shard(exp, len(self.learner))
+        # every learner updates on its shard (gradients averaged); rank 0's metrics are reported
+        updates = [self.learner.call(i, "update", sh, self.algo, cfg.algorithm.epochs, cfg.algorithm.minibatches)
+                   for i, sh in enumerate(shards)]
         if self.critic is not None:  # policy and critic are separate actors: they update concurrently
             updates.append(self.critic.call(0, "update", exp, self.algo, cfg.algorithm.epochs,
                                             cfg.algorithm.minibatches))
-        for result in actors.get(updates):
+        results = actors.get(updates)
+        m.update(results[0])
+        for result in results[len(shards):]:  # the critic's metrics
             m.update(result)
         times["update"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -289,7 +305,7 @@ class RLRun:
         if path is None:
             return False
         weights, extra = checkpoint.load(path, to_dict(self.cfg))
-        actors.get(self.learner.call(0, "load", weights, extra["learner"]))
+        actors.get(self.learner.run("load", weights, extra["learner"]))
         self.stream.epoch, self.stream.pos = extra["stream"]
         self.stream._order = []
         if self.stream.pos:  # rebuild this epoch's order, then continue at pos
@@ -307,6 +323,27 @@ class RLRun:
         for g in (self.engines, self.learner, self.reference, self.critic):
             if g is not None:
                 g.kill()
+
+
+def _free_port() -> int:
+    """A free TCP port on localhost for the learners' process group rendezvous."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _shard(exp, n: int) -> list:
+    """`exp` cut into `n` contiguous row ranges at group boundaries (near-equal sizes)."""
+    if n == 1:
+        return [exp]
+    gids = exp.group_ids.tolist()
+    starts = [0] + [i for i in range(1, len(gids)) if gids[i] != gids[i - 1]]
+    bounds = [starts[round(k * len(starts) / n)] for k in range(n)] + [len(gids)]
+    if len(set(bounds)) != n + 1:
+        raise ValueError(f"{len(starts)} groups cannot be shared by {n} learners")
+    return [exp.index(slice(bounds[k], bounds[k + 1])) for k in range(n)]
 
 
 def _sampling(r, n: int, temperature: float, seed: int):

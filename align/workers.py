@@ -175,6 +175,40 @@ class PolicyLearner:
 
         self.after_step = after_backward_hook(self.model, peft_cfg)
 
+    # ------------------------------------------------------------------ data parallelism
+    def init_distributed(self, rank: int, world_size: int, port: int, host: str = "127.0.0.1") -> int:
+        """Join the learners' process group (gloo on CPUs, NCCL on GPUs); returns the rank."""
+        import torch.distributed as dist
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=world_size)
+        return rank
+
+    def _global_counts(self, counts: dict[str, int]) -> dict[str, float]:
+        """Token / sequence counts of the whole minibatch across learners, divided by the number of
+        learners because gradients are averaged (algorithms/core.py's rule for data parallelism)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return counts
+        t = torch.tensor([float(counts["num_tokens"]), float(counts["num_seqs"])])
+        dist.all_reduce(t)
+        w = dist.get_world_size()
+        return {"num_tokens": float(t[0]) / w, "num_seqs": float(t[1]) / w}
+
+    def _average_gradients(self) -> None:
+        """All-reduce the gradients (mean over learners): every learner takes the same step."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        w = dist.get_world_size()
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= w
+
     # ------------------------------------------------------------------ experience
     def logprobs(self, exp: Experience, old: bool, ref: bool) -> dict[str, torch.Tensor]:
         """Behaviour-policy and/or reference logprobs of `exp` (reference = adapter disabled)."""
@@ -199,7 +233,7 @@ class PolicyLearner:
         """
         from algorithms.core import normalizers
 
-        counts = normalizers(mini.action_mask)
+        counts = self._global_counts(normalizers(mini.action_mask))
         for mb in mini.split(self.micro):
             mb = _trim(mb)
             with autocast(self.amp):
@@ -212,6 +246,7 @@ class PolicyLearner:
             metrics["entropy"] = float((ent * mb.action_mask).sum()) / max(w, 1.0)
             sums.add(metrics, w)
         sums.updates += 1
+        self._average_gradients()
 
     def update(self, exp: Experience, algorithm: Any, epochs: int = 1, minibatches: int = 1) -> dict[str, float]:
         """`epochs` x `minibatches` optimizer steps of `algorithm.loss` over `exp`; token-weighted mean metrics."""

@@ -23,6 +23,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _ray_shutdown_at_end():
+    """Ray tests share one local cluster (align.actors.init_ray is idempotent); stop it at the end."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture
 def tiny():
     """A fresh tiny random causal LM and its local tokenizer."""

@@ -54,7 +54,7 @@ def _learner_after_one_update(model_dir):
     learner = PolicyLearner(ModelConfig(name=str(model_dir)), PeftConfig(method="lora", r=8), lr=5e-2,
                             total_steps=3, temperature=1.0, micro_batch_size=4, num_threads=1)
     engine = RolloutWorker("hf", str(model_dir), num_threads=1)
-    samples, _ = engine.generate(["What is 2 + 3?", "Tom has 5 apples"], SamplingParams(n=4, max_new_tokens=6,
+    samples, _, _ = engine.generate(["What is 2 + 3?", "Tom has 5 apples"], SamplingParams(n=4, max_new_tokens=6,
                                                                                         seed=0))
     for i, s in enumerate(samples):
         s.reward = float(i % 3)
@@ -67,7 +67,7 @@ def _learner_after_one_update(model_dir):
 
 def _assert_engine_matches_learner(worker, learner):
     worker.update(learner.sync_payload())
-    samples, _ = worker.generate(["What is 12 + 7?", "The quick brown fox"],
+    samples, _, _ = worker.generate(["What is 12 + 7?", "The quick brown fox"],
                                  SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=1, logprobs=True))
     exp = build_experience(samples, 0)
     with torch.no_grad():
@@ -107,7 +107,7 @@ def test_microbatch_accumulation_equals_one_batch(tmp_path):
             if "lora_B" in n:
                 p.normal_(0, 0.1)
     engine = RolloutWorker("hf", str(model_dir), num_threads=1)
-    samples, _ = engine.generate(["What is 2 + 3?", "Tom has 5 apples", "yes or no"],
+    samples, _, _ = engine.generate(["What is 2 + 3?", "Tom has 5 apples", "yes or no"],
                                  SamplingParams(n=3, max_new_tokens=7, seed=3))
     for i, s in enumerate(samples):
         s.reward = float((i * 7) % 4)
@@ -170,3 +170,42 @@ def test_nonfinite_updates_are_skipped_counted_and_stop_the_run(tmp_path):
             run.step()
     finally:
         run.close()
+
+
+def test_two_gloo_learners_equal_one_learner_on_the_combined_batch(tmp_path):
+    """Data parallelism: two learners (Ray actors, gloo) each on half the groups take the same step
+    as one learner on the whole batch."""
+    from align import actors
+    from align.actors import ActorGroup
+    from align.rl import _free_port, _shard
+
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    engine = RolloutWorker("hf", str(model_dir), num_threads=1)
+    samples, _, _ = engine.generate(["What is 2 + 3?", "Tom has 5 apples", "yes or no", "red blue"],
+                                    SamplingParams(n=3, max_new_tokens=7, seed=5))
+    for i, s in enumerate(samples):
+        s.reward = float((i * 5) % 3)
+    exp = build_experience(samples, 0)
+    algo = algorithms.get("grpo", loss_agg="token-mean")
+    exp.advantages = algo.advantages(**exp.tensors())
+    args = (ModelConfig(name=str(model_dir)), PeftConfig(method="lora", r=8), 5e-2, 3)
+    kw = dict(temperature=1.0, micro_batch_size=4, num_threads=1)
+    actors.init_ray(num_cpus=4)  # one logical CPU per actor (they take turns on the real cores)
+    one = ActorGroup(PolicyLearner, 1, *args, **kw)
+    two = ActorGroup(PolicyLearner, 2, *args, **kw)
+    try:
+        port = _free_port()
+        actors.get(two.run_each("init_distributed", [(0, 2, port), (1, 2, port)]))
+        actors.get(one.call(0, "update", exp, algo))
+        actors.get([two.call(i, "update", sh, algo) for i, sh in enumerate(_shard(exp, 2))])
+        want = actors.get(one.call(0, "trainable_weights"))
+        got0, got1 = actors.get(two.run("trainable_weights"))
+        for n in want:
+            assert torch.equal(got0[n], got1[n]), n  # the two learners stay identical
+            # Adam's first step is ~lr * sign(g) = 5e-2 per weight; summation order differs between
+            # one and two learners, so allow 0.2 % of a step
+            assert torch.allclose(got0[n], want[n], atol=1e-4), (n, (got0[n] - want[n]).abs().max())
+        assert any(v.abs().max() > 0.01 for n, v in want.items() if "lora_B" in n)  # the step happened
+    finally:
+        one.kill()
+        two.kill()

@@ -74,18 +74,17 @@ def test_rm_training_raises_heldout_pairwise_accuracy(tmp_path, method="lora"):
                                   "happy red fox", "sad red fox"])
     assert scores[0] > scores[1] and scores[2] > scores[3] and scores[4] > scores[5]
     # The same model through the rewards registry, served by a Ray actor, scores identically.
-    import ray
-
     import rewards
+    from align.actors import init_ray
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=4)  # shared by the session's Ray tests (conftest shuts it down)
+    remote = rewards.get("reward_model", path=str(tmp_path / "run" / "final"), ray_actor=True)
     try:
-        remote = rewards.get("reward_model", path=str(tmp_path / "run" / "final"), ray_actor=True)
         got = remote(prompts * 3, ["good red fox", "bad red fox", "yes red fox", "no red fox",
                                    "happy red fox", "sad red fox"])
         assert got == pytest.approx(scores, abs=1e-5)
     finally:
-        ray.shutdown()
+        remote.close()
 
 
 def test_bt_margin_column_is_used(tmp_path):
