@@ -46,6 +46,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
+try:
+    import fcntl  # POSIX file locks: parallel trials compute a shared reference cache once
+except ImportError:  # Windows: no lock; concurrent trials may both compute (the rename stays atomic)
+    fcntl = None
+
 import torch
 import torch.nn.functional as F
 
@@ -372,16 +377,20 @@ def attach_reference(model: torch.nn.Module, examples: list[PrefExample], pad_id
 
     if not examples:
         return True
+    cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"reference-{_data_hash(examples, model_key)}.safetensors"
-    cached = path.is_file()
-    if cached:
-        ref = load_file(str(path))["logps"]  # (n, k)
-    else:
-        ref = compute_reference(model, examples, pad_id, autocast)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        save_file({"logps": ref.contiguous()}, str(tmp))
-        tmp.rename(path)
+    # One process computes, the others (parallel sweep trials on the same data) wait and load.
+    with open(path.with_suffix(".lock"), "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        cached = path.is_file()
+        if cached:
+            ref = load_file(str(path))["logps"]  # (n, k)
+        else:
+            ref = compute_reference(model, examples, pad_id, autocast)
+            tmp = path.with_suffix(f".tmp-{os.getpid()}")
+            save_file({"logps": ref.contiguous()}, str(tmp))
+            tmp.rename(path)
     for ex, row in zip(examples, ref.tolist()):
         ex.ref = row
     print(f"[align] reference log-probs for {len(examples)} {what} rows: "

@@ -133,7 +133,7 @@ class RLRun:
                                   micro_batch_size=cfg.algorithm.micro_batch_size, seed=cfg.train.seed,
                                   num_threads=cfg.train.num_threads, model=model, debug=debug,
                                   env_threads=cfg.train.num_threads or 2, amp=cfg.train.autocast)
-        if cfg.train.num_learners > 1:  # one process group; every learner takes the same averaged step
+        if cfg.train.num_learners > 1 or cfg.train.zero_stage:  # one process group: the same averaged step
             port = _free_port()
             actors.get(self.learner.run_each("init_distributed", [(i, cfg.train.num_learners, port)
                                                                   for i in range(cfg.train.num_learners)]))
@@ -190,8 +190,9 @@ class RLRun:
         return out, max(t for _, t, _ in results)
 
     def _payload(self) -> dict[str, Any]:
-        """The learner's weights for the engines, stamped with the current version."""
-        payload = actors.get(self.learner.call(0, "sync_payload"))
+        """The learner's weights for the engines, stamped with the current version (every learner
+        is asked: under ZeRO-3 gathering the weights is collective; rank 0's copy is used)."""
+        payload = actors.get(self.learner.run("sync_payload"))[0]
         payload["version"] = self.version
         return payload
 
@@ -292,7 +293,7 @@ class RLRun:
 
     def save(self, run_dir: Path) -> Path:
         """A checkpoint of the learner and the prompt stream (atomic, see align.checkpoint)."""
-        weights = actors.get(self.learner.call(0, "trainable_weights"))
+        weights = actors.get(self.learner.run("trainable_weights"))[0]
         state = actors.get(self.learner.call(0, "state"))
         extra = {"step": self.step_no, "learner": state, "stream": [self.stream.epoch, self.stream.pos],
                  "rng": checkpoint.rng_state()}

@@ -93,6 +93,8 @@ class RLTrainConfig:
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
     num_threads: int = 0  # torch threads for the learner (0 = all cores)
     num_learners: int = 1  # data-parallel policy learners (torch.distributed: gloo on CPUs, NCCL on GPUs)
+    zero_stage: Literal[0, 2, 3] = 0  # DeepSpeed ZeRO stage for the policy learners (0 = plain torch)
+    zero_offload: bool = False  # ZeRO: keep optimizer state in CPU memory
     autocast: Literal["none", "bfloat16"] = "none"  # learner forward/backward in bf16 autocast (3x faster on AVX512-BF16 CPUs)
     debug: bool = False  # run every worker in this process (no Ray), for stepping through
     max_actor_restarts: int = 3  # a rollout worker that dies is restarted this many times (then the run stops)

@@ -152,10 +152,12 @@ class PolicyLearner:
     def __init__(self, model_cfg: ModelConfig, peft_cfg: PeftConfig, lr: float, total_steps: int,
                  weight_decay: float = 0.0, warmup_steps: int = 0, max_grad_norm: float = 1.0,
                  temperature: float = 1.0, micro_batch_size: int = 8, seed: int = 0, num_threads: int = 0,
-                 model: torch.nn.Module | None = None, amp: str = "none"):
+                 model: torch.nn.Module | None = None, amp: str = "none", zero_stage: int = 0,
+                 zero_offload: bool = False):
         set_threads(num_threads)
         torch.manual_seed(seed)
         self.amp = amp
+        self.zero_stage, self.zero_offload, self.engine = zero_stage, zero_offload, None
         if model is None:
             model = load_causal_lm(model_cfg, quantization_config(peft_cfg, model_cfg))
         if peft_cfg.method in ("prefix", "prompt", "ptuning", "bitfit"):
@@ -180,9 +182,50 @@ class PolicyLearner:
         """Join the learners' process group (gloo on CPUs, NCCL on GPUs); returns the rank."""
         import torch.distributed as dist
 
+        import os
+
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # DeepSpeed reads the launcher's variables; Ray gives each GPU actor its own device 0
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR=host, MASTER_PORT=str(port),
+                          LOCAL_RANK="0" if torch.cuda.is_available() else str(rank))
         dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=world_size)
+        if self.zero_stage:
+            self._init_deepspeed()
         return rank
+
+    def _init_deepspeed(self) -> None:
+        """Wrap the model and optimizer in a DeepSpeed ZeRO engine (stage 2 or 3, optional CPU offload).
+
+        Micro-batch losses are already normalised by the whole minibatch, so the engine neither
+        scales by gradient-accumulation steps nor decides the boundary: `backward` marks the last
+        micro-batch of each minibatch.
+        """
+        import deepspeed
+
+        zero: dict[str, Any] = {"stage": self.zero_stage}
+        if self.zero_offload:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        group = self.optimizer.param_groups[0]
+        # DeepSpeed builds the optimizer itself (torch's AdamW, same hyper-parameters): a client
+        # optimizer under ZeRO-3 did not follow the plain learner's updates exactly
+        config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                  "zero_optimization": zero, "gradient_clipping": self.max_grad_norm or 0.0,
+                  "optimizer": {"type": "AdamW", "params": {
+                      "lr": group["lr"], "betas": list(group["betas"]), "eps": group["eps"],
+                      "weight_decay": group["weight_decay"], "torch_adam": True, "adam_w_mode": True}},
+                  "steps_per_print": 2**31, "bf16": {"enabled": self.amp == "bfloat16" and torch.cuda.is_available()}}
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.model, model_parameters=self.params, config=config, dist_init_required=False)
+
+    def _gathered(self):
+        """A context in which ZeRO-3's partitioned parameters are whole (a no-op otherwise)."""
+        import contextlib
+
+        if self.zero_stage != 3 or self.engine is None:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.model.parameters()))
 
     def _global_counts(self, counts: dict[str, int]) -> dict[str, float]:
         """Token / sequence counts of the whole minibatch across learners, divided by the number of
@@ -234,19 +277,25 @@ class PolicyLearner:
         from algorithms.core import normalizers
 
         counts = self._global_counts(normalizers(mini.action_mask))
-        for mb in mini.split(self.micro):
+        micro = list(mini.split(self.micro))
+        for k, mb in enumerate(micro):
             mb = _trim(mb)
             with autocast(self.amp):
                 lp, ent = token_logprobs(self.model, mb.input_ids, mb.attention_mask, mb.prompt_len,
                                          self.temperature, with_entropy=True)
             fields = {k: v for k, v in mb.tensors().items() if k not in ("input_ids", "attention_mask")}
             loss, metrics = loss_fn(logprobs=lp, **fields, **counts)
-            loss.backward()
+            if self.engine is not None:  # ZeRO: the engine reduces gradients at the boundary
+                self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
+                self.engine.backward(loss, scale_wrt_gas=False)
+            else:
+                loss.backward()
             w = float(mb.action_mask.sum())
             metrics["entropy"] = float((ent * mb.action_mask).sum()) / max(w, 1.0)
             sums.add(metrics, w)
         sums.updates += 1
-        self._average_gradients()
+        if self.engine is None:
+            self._average_gradients()
 
     def update(self, exp: Experience, algorithm: Any, epochs: int = 1, minibatches: int = 1) -> dict[str, float]:
         """`epochs` x `minibatches` optimizer steps of `algorithm.loss` over `exp`; token-weighted mean metrics."""
@@ -258,6 +307,10 @@ class PolicyLearner:
             order = group_order(exp.group_ids, self.generator)
             for start in range(0, len(exp), size):
                 self.backward(exp.index(order[start:start + size]), loss_fn, sums)
+                if self.engine is not None:  # clipping, the step and zeroing happen inside DeepSpeed
+                    self.engine.step()
+                    norms.append(float(self.engine.get_global_grad_norm() or 0.0))
+                    continue
                 norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm or float("inf"))
                 norms.append(float(norm))
                 if torch.isfinite(norm):  # a NaN / inf gradient skips the update and is counted
@@ -275,7 +328,12 @@ class PolicyLearner:
 
     # ------------------------------------------------------------------ weights
     def sync_payload(self) -> dict[str, Any]:
-        """What the rollout engines need: LoRA tensors + config, or a full (merged) state dict."""
+        """What the rollout engines need: LoRA tensors + config, or a full (merged) state dict.
+        Under ZeRO-3 every learner must call it (gathering the parameters is collective)."""
+        with self._gathered():
+            return self._payload()
+
+    def _payload(self) -> dict[str, Any]:
         if self.method in ("lora", "qlora") and not getattr(self.model.peft_config["default"], "use_dora", False):
             import peft
 
@@ -287,8 +345,9 @@ class PolicyLearner:
         return {"kind": "full", "tensors": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}}
 
     def trainable_weights(self) -> dict[str, torch.Tensor]:
-        """The trainable parameters by name (what checkpoints store)."""
-        return trainable_state_dict(self.model)
+        """The trainable parameters by name (what checkpoints store; collective under ZeRO-3)."""
+        with self._gathered():
+            return trainable_state_dict(self.model)
 
     def state(self) -> dict[str, Any]:
         """Optimizer, scheduler, step counter and RNG: the rest of a checkpoint."""
