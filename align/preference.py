@@ -82,6 +82,7 @@ class AlgorithmSection:
     params: dict[str, Any] = field(default_factory=dict)  # the algorithm's dataclass fields, e.g. beta, loss_type
     reference: Literal["precompute", "adapter", "model"] = "precompute"  # see the module docstring
     reference_cache: str | None = None  # directory for precomputed reference log-probs (None: the run directory)
+    share_prompt: bool = True  # pairs: one forward over the shared prompt, both completions on its cache (exact)
 
 
 @dataclass
@@ -193,35 +194,62 @@ def encode_examples(rows: list[dict], cfg: PreferenceDataConfig, tokenizer, kto:
 
 
 # ----------------------------------------------------------------------------- batching
-def length_buckets(lengths: Sequence[int], overhead: int = BUCKET_OVERHEAD_TOKENS) -> list[list[int]]:
-    """Indices of `lengths` in groups that minimise padded tokens + `overhead` per group.
-
-    The groups are contiguous runs of the lengths sorted longest first (an optimal grouping has
-    that form), found by dynamic programming over the cut points: O(n^2) for n sequences.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    L = [lengths[i] for i in order]
-    best, cut = [0.0] + [math.inf] * len(L), [0] * (len(L) + 1)
-    for j in range(1, len(L) + 1):
-        for i in range(j):  # group order[i:j], padded to L[i] (its longest)
-            cost = best[i] + (j - i) * L[i] + overhead
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups, j = [], len(L)
+def _cut(n: int, cost: Callable[[int, int], float]) -> list[tuple[int, int]]:
+    """Contiguous groups [i, j) of n sorted items minimising the summed `cost(i, j)` (dynamic
+    programming over the cut points, O(n^2) cost calls)."""
+    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            c = best[i] + cost(i, j)
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    groups, j = [], n
     while j > 0:
-        groups.append(order[cut[j]:j])
+        groups.append((cut[j], j))
         j = cut[j]
     return groups[::-1]
 
 
+def length_buckets(lengths: Sequence[int], overhead: int = BUCKET_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Indices of `lengths` in groups that minimise padded tokens + `overhead` per group.
+
+    The groups are contiguous runs of the lengths sorted longest first (an optimal grouping has
+    that form): a group [i, j) costs (j - i) * L[i] + overhead.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    L = [lengths[i] for i in order]
+    return [order[i:j] for i, j in _cut(len(L), lambda i, j: (j - i) * L[i] + overhead)]
+
+
+def pair_buckets(prompt_lens: Sequence[int], completion_lens: Sequence[int],
+                 overhead: int = BUCKET_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Pairs grouped for shared-prompt forwards: sorted by prompt length, a group costs its padded
+    prompts once, its padded completions twice (chosen and rejected), and two forward overheads."""
+    order = sorted(range(len(prompt_lens)), key=lambda i: (-prompt_lens[i], -completion_lens[i]))
+    P, C = [prompt_lens[i] for i in order], [completion_lens[i] for i in order]
+    return [order[i:j] for i, j in _cut(len(P), lambda i, j: (j - i) * (P[i] + 2 * max(C[i:j])) + 2 * overhead)]
+
+
 @dataclass
 class Chunk:
-    """Sequences padded together for one forward pass."""
+    """Whole sequences (prompt + completion) padded together for one forward pass."""
 
     input_ids: torch.Tensor  # (b, T) right-padded prompt + completion
     attention_mask: torch.Tensor  # (b, T)
     loss_mask: torch.Tensor  # (b, T) 1 on completion tokens
     index: torch.Tensor  # (b,) each row's position in the batch's list of sequences
+
+
+@dataclass
+class PairChunk:
+    """Pairs whose shared prompt goes through the model once; both completions attend to its
+    key/value cache (gradients flow back through the cache into the prompt's forward)."""
+
+    prompt_ids: torch.Tensor  # (b, P) left-padded, so every prompt ends at column P - 1
+    prompt_mask: torch.Tensor  # (b, P)
+    completion_ids: torch.Tensor  # (2b, C) right-padded; rows 2i, 2i + 1: chosen, rejected of pair i
+    completion_mask: torch.Tensor  # (2b, C)
+    index: torch.Tensor  # (2b,) each completion row's position in the batch's list of sequences
 
 
 def make_chunks(seqs: Sequence[Seq], pad_id: int, overhead: int = BUCKET_OVERHEAD_TOKENS) -> list[Chunk]:
@@ -241,14 +269,60 @@ def make_chunks(seqs: Sequence[Seq], pad_id: int, overhead: int = BUCKET_OVERHEA
     return chunks
 
 
-def collate(examples: list[PrefExample], pad_id: int, kto: bool) -> dict[str, Any]:
+def make_pair_chunks(examples: Sequence[PrefExample], pad_id: int,
+                     overhead: int = BUCKET_OVERHEAD_TOKENS) -> list[Chunk | PairChunk]:
+    """Shared-prompt chunks for pairs; sequence i < n is chosen of pair i, n + i its rejected.
+    Pairs with an empty prompt (nothing to share) go into a plain chunk."""
+    n = len(examples)
+    empty = [k for k, ex in enumerate(examples) if not ex.seqs[0][0]]
+    chunks: list[Chunk | PairChunk] = []
+    if empty:
+        plain = make_chunks([examples[k].seqs[s] for s in (0, 1) for k in empty], pad_id, overhead)
+        ids = torch.tensor([k + s * n for s in (0, 1) for k in empty])
+        chunks += [dataclasses.replace(ch, index=ids[ch.index]) for ch in plain]
+    rest = [k for k in range(n) if examples[k].seqs[0][0]]
+    groups = pair_buckets([len(examples[k].seqs[0][0]) for k in rest],
+                          [max(len(examples[k].seqs[0][1]), len(examples[k].seqs[1][1])) for k in rest], overhead)
+    for group in groups:
+        ks = [rest[g] for g in group]
+        P = max(len(examples[k].seqs[0][0]) for k in ks)
+        C = max(len(examples[k].seqs[s][1]) for k in ks for s in (0, 1))
+        pid = torch.full((len(ks), P), pad_id, dtype=torch.long)  # (b, P)
+        pmask = torch.zeros((len(ks), P), dtype=torch.long)  # (b, P)
+        cid = torch.full((2 * len(ks), C), pad_id, dtype=torch.long)  # (2b, C)
+        cmask = torch.zeros((2 * len(ks), C), dtype=torch.long)  # (2b, C)
+        for r, k in enumerate(ks):
+            prompt = examples[k].seqs[0][0]
+            pid[r, P - len(prompt):], pmask[r, P - len(prompt):] = torch.tensor(prompt), 1
+            for s in (0, 1):
+                comp = examples[k].seqs[s][1]
+                cid[2 * r + s, :len(comp)], cmask[2 * r + s, :len(comp)] = torch.tensor(comp), 1
+        index = torch.tensor([k + s * n for k in ks for s in (0, 1)])  # (2b,)
+        chunks.append(PairChunk(pid, pmask, cid, cmask, index))
+    return chunks
+
+
+def _real_tokens(chunks: list[Chunk | PairChunk]) -> torch.Tensor:
+    """Every real token the chunks feed the model, once (the shared prompt once per pair), (N,)."""
+    out = []
+    for ch in chunks:
+        if isinstance(ch, PairChunk):
+            out += [ch.prompt_ids[ch.prompt_mask.bool()], ch.completion_ids[ch.completion_mask.bool()]]
+        else:
+            out.append(ch.input_ids[ch.attention_mask.bool()])
+    return torch.cat(out)
+
+
+def collate(examples: list[PrefExample], pad_id: int, kto: bool, share_prompt: bool = False) -> dict[str, Any]:
     """A micro-batch: the sequences that get gradients (pairs: n chosen then n rejected; KTO: n
     completions), KTO's KL partners (no gradient), labels and any precomputed reference log-probs."""
     n = len(examples)
-    grad_seqs = [ex.seqs[0] for ex in examples] + ([] if kto else [ex.seqs[1] for ex in examples])
-    chunks = make_chunks(grad_seqs, pad_id)
+    if kto or not share_prompt:
+        chunks = make_chunks([ex.seqs[0] for ex in examples] + ([] if kto else [ex.seqs[1] for ex in examples]), pad_id)
+    else:
+        chunks = make_pair_chunks(examples, pad_id)
     # `input_ids`: every real token once, (num_tokens,); the trainer reads its size for tokens/s
-    ids = torch.cat([ch.input_ids[ch.attention_mask.bool()] for ch in chunks])
+    ids = _real_tokens(chunks)
     batch = {"chunks": chunks, "input_ids": ids, "n": n, "num_targets": n, "num_tokens": ids.numel()}
     if kto:
         batch["kl_chunks"] = make_chunks([ex.seqs[1] for ex in examples], pad_id)
@@ -265,6 +339,14 @@ def _fast_head(model: torch.nn.Module) -> bool:
     cfg = model.config
     return all(getattr(cfg, a, None) is None for a in ("final_logit_softcapping", "logit_scale", "logits_scaling",
                                                         "output_multiplier", "lm_head_multiplier"))
+
+
+def can_share_prompt(model: torch.nn.Module) -> bool:
+    """Whether the shared-prompt forward applies: not for prompt-learning adapters (they own the
+    cache or the input embeddings), gradient checkpointing (it turns the cache off), or models
+    whose logits are not lm_head(last hidden state)."""
+    prompt_learning = getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False)
+    return not prompt_learning and not getattr(model, "is_gradient_checkpointing", False) and _fast_head(model)
 
 
 def _token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -284,8 +366,36 @@ def _token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Ten
                       else part(hidden[i:i + tile], targets[i:i + tile]) for i in range(0, hidden.shape[0], tile)])
 
 
-def chunk_logps(model: torch.nn.Module, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_sums(tok: torch.Tensor, sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row sums (b,) of per-token values `tok` (N,) laid out where `sel` (b, T) is True, and counts."""
+    rows = sel.nonzero()[:, 0]  # (N,) the row of each selected token
+    return torch.zeros(sel.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, rows, tok), sel.sum(1)
+
+
+def pair_chunk_logps(model: torch.nn.Module, ch: PairChunk) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs (2b,) and lengths (2b,): the prompts' forward once, then both
+    completions of each pair on its key/value cache (exact: the same numbers as whole sequences)."""
+    pos = (ch.prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (b, P) positions under left padding
+    out = model(input_ids=ch.prompt_ids, attention_mask=ch.prompt_mask, position_ids=pos, use_cache=True,
+                output_hidden_states=True, logits_to_keep=1)
+    first = out.hidden_states[-1][:, -1].repeat_interleave(2, 0)  # (2b, H): predicts each first completion token
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(2)  # (2b, heads, P, d) per layer: row 2i, 2i + 1 share prompt i
+    C = ch.completion_ids.shape[1]
+    start = ch.prompt_mask.sum(1).repeat_interleave(2)  # (2b,) prompt lengths
+    attn = torch.cat([ch.prompt_mask.repeat_interleave(2, 0), ch.completion_mask], 1)  # (2b, P + C)
+    out = model(input_ids=ch.completion_ids, attention_mask=attn, position_ids=start[:, None] + torch.arange(C),
+                past_key_values=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
+    hidden = torch.cat([first[:, None], out.hidden_states[-1][:, :-1]], 1)  # (2b, C, H): state before each token
+    sel = ch.completion_mask.bool()  # (2b, C)
+    tok = _token_logps(model.get_output_embeddings(), hidden[sel], ch.completion_ids[sel])  # (N,)
+    return _row_sums(tok, sel)
+
+
+def chunk_logps(model: torch.nn.Module, chunk: Chunk | PairChunk) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs (b,) and completion lengths (b,) of one chunk."""
+    if isinstance(chunk, PairChunk):
+        return pair_chunk_logps(model, chunk)
     ids, T = chunk.input_ids, chunk.input_ids.shape[1]
     sel = chunk.loss_mask[:, 1:].bool()  # (b, T-1): position t predicts completion token t + 1
     targets = ids[:, 1:][sel]  # (N,)
@@ -298,12 +408,10 @@ def chunk_logps(model: torch.nn.Module, chunk: Chunk) -> tuple[torch.Tensor, tor
     else:
         logits = model(input_ids=ids, attention_mask=chunk.attention_mask, use_cache=False).logits  # (b, V + T, V)
         tok = -F.cross_entropy(logits[:, logits.shape[1] - T:-1][sel].float(), targets, reduction="none")  # (N,)
-    rows = sel.nonzero()[:, 0]  # (N,) the row of each completion token
-    logps = torch.zeros(ids.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)  # (b,)
-    return logps, sel.sum(1)
+    return _row_sums(tok, sel)
 
 
-def sequence_logps(model: torch.nn.Module, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model: torch.nn.Module, chunks: list[Chunk | PairChunk]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs and completion lengths of every sequence, in the batch's order (S,)."""
     parts = [chunk_logps(model, ch) for ch in chunks]
     order = torch.argsort(torch.cat([ch.index for ch in chunks]))  # (S,) chunk order -> batch order
@@ -347,30 +455,36 @@ def _data_hash(examples: list[PrefExample], model_key: str) -> str:
 
 @torch.no_grad()
 def compute_reference(model: torch.nn.Module, examples: list[PrefExample], pad_id: int, autocast: str = "none",
-                      max_tokens: int = PRECOMPUTE_TOKENS) -> torch.Tensor:
-    """(n, k) reference log-probs of every sequence of `examples`, in length-sorted batches."""
-    seqs = [s for ex in examples for s in ex.seqs]
+                      share_prompt: bool = False, max_tokens: int = PRECOMPUTE_TOKENS) -> torch.Tensor:
+    """(n, k) reference log-probs of every sequence of `examples`: examples sorted by length, in
+    batches of about `max_tokens` real tokens, chunked as in training."""
     k = len(examples[0].seqs)
-    order = sorted(range(len(seqs)), key=lambda i: -(len(seqs[i][0]) + len(seqs[i][1])))
-    out = torch.zeros(len(seqs))
+    size = [sum(len(p) + len(c) for p, c in ex.seqs) for ex in examples]
+    order = sorted(range(len(examples)), key=lambda i: -size[i])
+    batches, cur, tokens = [], [], 0
+    for i in order:
+        if cur and tokens + size[i] > max_tokens:
+            batches.append(cur)
+            cur, tokens = [], 0
+        cur.append(i)
+        tokens += size[i]
+    batches.append(cur)
+    out = torch.zeros(len(examples), k)
     was_training = model.training
     model.eval()
     with reference_context(model), _autocast(autocast):
-        start = 0
-        while start < len(order):  # longest first: each batch takes as many as fit in max_tokens
-            T = len(seqs[order[start]][0]) + len(seqs[order[start]][1])
-            size = max(1, max_tokens // max(T, 1))
-            idx = order[start:start + size]
-            chunk = make_chunks([seqs[i] for i in idx], pad_id, overhead=10**9)[0]  # one chunk
-            lp, _ = chunk_logps(model, chunk)
-            out[torch.tensor(idx)[chunk.index]] = lp.float().cpu()
-            start += size
+        for idx in batches:
+            exs = [examples[i] for i in idx]
+            chunks = (make_pair_chunks(exs, pad_id) if share_prompt
+                      else make_chunks([ex.seqs[s] for s in range(k) for ex in exs], pad_id))
+            lp, _ = sequence_logps(model, chunks)  # (k * b,): slot 0 of every example, then slot 1
+            out[torch.tensor(idx)] = lp.float().cpu().view(k, len(idx)).T
     model.train(was_training)
-    return out.view(len(examples), k)
+    return out
 
 
 def attach_reference(model: torch.nn.Module, examples: list[PrefExample], pad_id: int, cache_dir: Path,
-                     model_key: str, autocast: str = "none", what: str = "train") -> bool:
+                     model_key: str, autocast: str = "none", share_prompt: bool = False, what: str = "train") -> bool:
     """Set `ex.ref` on every example, from the cache file when it exists (True) or computed and
     cached (False). The file is written atomically (temp file + rename)."""
     from safetensors.torch import load_file, save_file
@@ -387,7 +501,7 @@ def attach_reference(model: torch.nn.Module, examples: list[PrefExample], pad_id
         if cached:
             ref = load_file(str(path))["logps"]  # (n, k)
         else:
-            ref = compute_reference(model, examples, pad_id, autocast)
+            ref = compute_reference(model, examples, pad_id, autocast, share_prompt)
             tmp = path.with_suffix(f".tmp-{os.getpid()}")
             save_file({"logps": ref.contiguous()}, str(tmp))
             tmp.rename(path)
@@ -499,12 +613,12 @@ def run(cfg: PreferenceConfig, model=None, tokenizer=None,
           f"{n_all:,} parameters; {len(train)} train rows, {len(evals)} eval rows, {stats['truncated']} truncated, "
           f"{stats['skipped']} skipped", flush=True)
     save_config(cfg, run_dir / "config.yaml")
+    share = cfg.algorithm.share_prompt and not kto and can_share_prompt(model)
     if needs_ref and cfg.algorithm.reference == "precompute":  # before resume: the initial model
-        cache = Path(cfg.algorithm.reference_cache or run_dir)
-        with torch.no_grad():
-            cached = attach_reference(model, train, tokenizer.pad_token_id, cache, model_key, cfg.train.autocast)
-            attach_reference(model, evals, tokenizer.pad_token_id, cache, model_key, cfg.train.autocast, "eval")
-    trainer = Trainer(model, train, functools.partial(collate, pad_id=tokenizer.pad_token_id, kto=kto),
+        cache, pad = Path(cfg.algorithm.reference_cache or run_dir), tokenizer.pad_token_id
+        cached = attach_reference(model, train, pad, cache, model_key, cfg.train.autocast, share)
+        attach_reference(model, evals, pad, cache, model_key, cfg.train.autocast, share, "eval")
+    trainer = Trainer(model, train, functools.partial(collate, pad_id=tokenizer.pad_token_id, kto=kto, share_prompt=share),
                       functools.partial(preference_loss, algo=algo, reference=cfg.algorithm.reference,
                                         ref_model=ref_model),
                       cfg.train, cfg.log, run_dir, to_dict(cfg), eval_examples=evals,
