@@ -165,6 +165,8 @@ class RLRun:
         parts = [rows[i::n] for i in range(n)]
         refs, offsets = [], []
         for i, part in enumerate(parts):
+            if sampling.seed is not None and n > 1:  # each engine its own noise
+                sampling = dataclasses.replace(sampling, seed=sampling.seed + 7919 * i)
             if part:
                 # rows i, i+n, ... go to engine i; group ids are assigned after, in row order
                 refs.append(self.engines.call(i, "generate", [p["text"] for p in part], sampling, 0,
@@ -215,7 +217,10 @@ class RLRun:
         cfg, groups, round_, sel = self.cfg, [], 1, None
         need, generated = cfg.rollout.prompts_per_step, []
         while need > 0:
-            samples, dt = self.generate(self.stream.take(need), self.sampling, group_offset=len(groups))
+            # a fresh seed per step and round (train.seed fixes the whole run): engines restore their
+            # RNG after a seeded call, so an unseeded one would draw the same noise every step
+            sampling = dataclasses.replace(self.sampling, seed=cfg.train.seed * 1_000_003 + self.step_no * 101 + round_)
+            samples, dt = self.generate(self.stream.take(need), sampling, group_offset=len(groups))
             times["generate"] += dt
             t = time.perf_counter()
             m.update(self.score(samples))
@@ -351,7 +356,7 @@ def _sampling(r, n: int, temperature: float, seed: int):
     from rollout import SamplingParams
 
     return SamplingParams(n=n, temperature=temperature, top_p=r.top_p, top_k=r.top_k,
-                          max_new_tokens=r.max_new_tokens, stop=list(r.stop), seed=None, logprobs=False)
+                          max_new_tokens=r.max_new_tokens, stop=list(r.stop), seed=seed, logprobs=False)
 
 
 def _groups(samples: list[Sample]) -> list[list[Sample]]:
