@@ -52,7 +52,7 @@ class SweepConfig:
 
     stage: Literal["preference", "sft", "rm"] = "preference"  # which stage every trial runs
     base: dict[str, Any] = field(default_factory=dict)  # the stage config all trials start from
-    search: dict[str, dict[str, Any]] = field(default_factory=dict)  # dotted field -> {grid|uniform|loguniform|choice: ...}
+    search: dict[str, dict[str, Any]] = field(default_factory=dict)  # dotted field -> {sampler: values}
     num_samples: int = 1  # Tune's num_samples: random draws per grid point (with only grids: repeats)
     metric: str = "eval/loss"  # the reported metric that ranks trials
     mode: Literal["min", "max"] = "min"  # whether a lower or higher metric is better

@@ -77,12 +77,23 @@ def run_align(a, data: Path, out: Path) -> dict:
         "peft.alpha=32", "peft.dropout=0", "algorithm.name=dpo", "algorithm.params.beta=0.1",
         "log.progress=false", "log.plot=false"])
     model, tok = load_causal_lm(cfg.model), load_tokenizer(cfg.model)
+    spent = []
+    attach = preference.attach_reference
+
+    def timed_attach(*args, **kw):  # how much of the span the one-off reference pass takes
+        t = time.perf_counter()
+        out = attach(*args, **kw)
+        spent.append(time.perf_counter() - t)
+        return out
+
+    preference.attach_reference = timed_attach
     torch.manual_seed(0)
     t0 = time.perf_counter()
     res = preference.run(cfg, model, tok)
     wall = time.perf_counter() - t0
     steps = [h["step_time"] for h in res.result.history]
-    return {"wall_s": wall, "step_s": steps, "loss": [h["loss"] for h in res.result.history]}
+    return {"wall_s": wall, "step_s": steps, "loss": [h["loss"] for h in res.result.history],
+            "reference_s": sum(spent)}
 
 
 def run_trl(a, data: Path, out: Path) -> dict:
@@ -129,7 +140,9 @@ def child(a) -> None:
 
     torch.set_num_threads(a.threads)
     out = Path(a.out)
+    load = os.getloadavg()[0]
     res = (run_align if a.side == "align" else run_trl)(a, out / "pairs.jsonl", out)
+    res["load"] = [load, os.getloadavg()[0]]  # 1-minute load average before and after: a shared machine
     (out / f"{a.side}.json").write_text(json.dumps(res))
 
 
@@ -167,8 +180,10 @@ def main() -> None:
     print(f"\nDPO sigmoid, SmolLM2-135M-Instruct + LoRA r=16 all linear, {source}, {a.steps} steps x batch "
           f"{a.batch}, max length {a.max_length}, {a.precision}, {a.threads} threads per side")
     for side, r in results.items():
-        print(f"{side:>5}: {pairs / r['wall_s']:.3f} pairs/s  (set-up + training {r['wall_s']:.1f} s; "
-              f"median step {statistics.median(r['step_s']):.2f} s; losses {[round(x, 3) for x in r['loss']]})")
+        ref = f", of which reference pass {r['reference_s']:.1f} s" if "reference_s" in r else ""
+        print(f"{side:>5}: {pairs / r['wall_s']:.3f} pairs/s  (set-up + training {r['wall_s']:.1f} s{ref}; "
+              f"median step {statistics.median(r['step_s']):.2f} s; load average {r['load'][0]:.1f} -> "
+              f"{r['load'][1]:.1f}; losses {[round(x, 3) for x in r['loss']]})")
     if len(results) == 2:
         ratio = results["trl"]["wall_s"] / results["align"]["wall_s"]
         step_ratio = statistics.median(results["trl"]["step_s"]) / statistics.median(results["align"]["step_s"])

@@ -23,7 +23,8 @@ def _pairs(n, seed):
     rng = random.Random(seed)
     words = "cat dog red blue green the quick fox".split()
     return [{"prompt": "Tell me about " + " ".join(rng.choices(words, k=3)),
-             "chosen": f"{MARKERS[i % 4][0]} {rng.choice(words)}", "rejected": f"{MARKERS[i % 4][1]} {rng.choice(words)}"}
+             "chosen": f"{MARKERS[i % 4][0]} {rng.choice(words)}",
+             "rejected": f"{MARKERS[i % 4][1]} {rng.choice(words)}"}
             for i in range(n)]
 
 
