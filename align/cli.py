@@ -3,6 +3,8 @@
     align sft examples/sft.yaml train.max_steps=50
     align rm examples/rm.yaml data.path=pairs.jsonl
     align rl examples/grpo_arithmetic.yaml algorithm.name=dapo
+    align preference examples/preference.yaml algorithm.name=simpo
+    align sweep examples/sweep_preference.yaml base.train.max_steps=5
     align merge runs/sft/final runs/sft/merged
 """
 from __future__ import annotations
@@ -46,6 +48,28 @@ def _rl(args: list[str]) -> None:
         print(f"[align] held-out accuracy: {b if b is not None else float('nan'):.1%} before -> {a:.1%} after")
 
 
+def _preference(args: list[str]) -> None:
+    from align import preference
+
+    path, overrides = _split(args)
+    out = preference.run(load_config(preference.PreferenceConfig, path, overrides))
+    ev = out.result.eval_history[-1] if out.result.eval_history else {}
+    if "eval/rewards/accuracy" in ev:
+        print(f"[align] held-out reward accuracy {ev['eval/rewards/accuracy']:.1%}, "
+              f"margin {ev.get('eval/rewards/margins', float('nan')):.3f}; model in {out.run_dir / 'final'}")
+
+
+def _sweep(args: list[str]) -> None:
+    from align import sweep
+
+    path, overrides = _split(args)
+    if path is None:
+        raise ConfigError("align sweep needs a sweep YAML (e.g. examples/sweep_preference.yaml)")
+    res = sweep.run_sweep(path, overrides)
+    if any(r.status != "TERMINATED" for r in res.rows):
+        raise SystemExit(1)
+
+
 def _merge(args: list[str]) -> None:
     """Merge a saved adapter into its base model and save a plain Hugging Face model."""
     p = argparse.ArgumentParser(prog="align merge", description=_merge.__doc__)
@@ -63,7 +87,7 @@ def _merge(args: list[str]) -> None:
     print(f"[align] merged model written to {ns.out}")
 
 
-STAGES = {"sft": _sft, "rm": _rm, "rl": _rl, "merge": _merge}
+STAGES = {"sft": _sft, "rm": _rm, "rl": _rl, "preference": _preference, "sweep": _sweep, "merge": _merge}
 
 
 def main(argv: list[str] | None = None) -> int:

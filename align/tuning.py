@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from align.config import ModelConfig, PeftConfig
+from align.config import ConfigError, ModelConfig, PeftConfig
 
 log = logging.getLogger(__name__)
 PEFT_METHODS = {"lora", "qlora", "dora", "adalora", "ia3", "prefix", "prompt", "ptuning"}
@@ -78,6 +78,9 @@ def _peft_config(cfg: PeftConfig, model: nn.Module, total_steps: int | None, tok
     if m == "adalora":
         if not total_steps:
             raise ValueError("peft.method=adalora needs the number of training steps (train.max_steps or data size)")
+        if cfg.adalora_target_r >= cfg.r:  # nothing to prune: peft's rank allocator fails with an opaque kthvalue error
+            raise ConfigError(f"peft.method=adalora prunes from peft.r={cfg.r} down to peft.adalora_target_r="
+                              f"{cfg.adalora_target_r}; the target must be smaller than r")
         tfinal = cfg.adalora_tfinal or max(1, total_steps // 5)
         tinit = min(cfg.adalora_tinit, max(0, total_steps - tfinal - 1))
         return peft.AdaLoraConfig(init_r=cfg.r, target_r=cfg.adalora_target_r, lora_alpha=cfg.alpha,

@@ -134,6 +134,9 @@ def run_trl(a, use_vllm: bool, out: Path) -> dict:
                           peft_config=peft_config, callbacks=[StepClock()])
     for name, key in (("_generate_single_turn", "generate"), ("_calculate_rewards", "reward")):
         _timed(trainer, name, split[key])
+    if use_vllm:  # merge the adapter, push every weight into vLLM, unmerge (inside _generate_single_turn)
+        split["sync"] = []
+        _timed(trainer.vllm_generation, "sync_weights", split["sync"])
     try:
         trainer.train()
     finally:
@@ -173,17 +176,20 @@ def child(a) -> None:
 
 
 def summary(r: dict) -> dict:
-    """Mean s/step (warm-up step excluded), samples/s and the split of one side."""
+    """Mean s/step (warm-up step excluded), samples/s, and the step split into generation, weight
+    sync, reward and the rest (log-probs + update + overheads) of one side."""
     import statistics
 
     k = 1 if len(r["step_s"]) > 1 else 0
     steps = r["step_s"][k:]
     s = sum(steps) / len(steps)
-    split = {name: sum(v[k:]) / len(v[k:]) for name, v in r["split"].items() if len(v) > k}
+    raw = {name: sum(v[k:]) / len(v[k:]) for name, v in r["split"].items() if len(v) > k}
+    sync = raw.get("sync", 0.0)
+    gen = raw["generate"] - (sync if r["side"].startswith("trl") else 0.0)  # TRL's sync is inside its generate
     lens = [x for x in r["resp_len"][k:] if x == x]
     return {"s_step": s, "median": statistics.median(steps), "sps": sum(r["samples"][k:]) / sum(steps),
-            "split": split, "len": sum(lens) / len(lens) if lens else float("nan"),
-            "rest": s - sum(split.values())}
+            "gen": gen, "sync": sync, "reward": raw["reward"], "train": s - gen - sync - raw["reward"],
+            "raw": raw, "len": sum(lens) / len(lens) if lens else float("nan")}
 
 
 def main() -> None:
@@ -194,6 +200,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads per process")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: align bf16 rollout + bf16 autocast; TRL bf16=True (its vLLM stays fp32)")
+    p.add_argument("--omp-wait-policy", choices=["PASSIVE", "default"], default="PASSIVE",
+                   help="OMP_WAIT_POLICY of every side (align sets PASSIVE for its own actors anyway)")
     p.add_argument("--out", default="runs/bench-grpo")
     p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: the child
     a = p.parse_args()
@@ -203,6 +211,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled", VLLM_CPU_KVCACHE_SPACE="1")
+    if a.omp_wait_policy == "PASSIVE":
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    else:
+        env.pop("OMP_WAIT_POLICY", None)
     results, failed = {}, {}
     for side in a.sides:
         (out / f"{side}.json").unlink(missing_ok=True)
@@ -216,23 +228,24 @@ def main() -> None:
         results[side] = json.loads((out / f"{side}.json").read_text())
     print(f"\nGRPO, SmolLM2-135M-Instruct {a.precision} + LoRA r=16 all linear, 8 prompts x 4 samples, "
           f"<= {a.max_new_tokens} new tokens, {a.steps} steps per side (first excluded), {a.threads} threads, "
-          f"{os.cpu_count()} CPU cores")
-    print(f"{'side':11} {'s/step':>7} {'median':>7} {'samples/s':>9} {'vs trl-hf':>9} {'gen':>6} {'reward':>6} "
-          f"{'rest':>6} {'len':>5} {'load':>9}")
+          f"{os.cpu_count()} CPU cores, OMP_WAIT_POLICY {a.omp_wait_policy}")
+    print(f"{'side':11} {'s/step':>7} {'median':>7} {'samples/s':>9} {'vs trl-hf':>9} {'gen':>6} {'sync':>5} "
+          f"{'reward':>6} {'train':>6} {'len':>5} {'load':>9}")
     sums = {side: summary(r) for side, r in results.items()}
     ref = sums.get("trl-hf")
     for side, s in sums.items():
-        gen, rew = s["split"].get("generate", float("nan")), s["split"].get("reward", float("nan"))
         ratio = f"{s['sps'] / ref['sps']:.2f}x" if ref else "-"
         load = results[side]["load"]
-        print(f"{side:11} {s['s_step']:7.1f} {s['median']:7.1f} {s['sps']:9.3f} {ratio:>9} {gen:6.1f} {rew:6.2f} "
-              f"{s['s_step'] - gen - rew:6.1f} {s['len']:5.1f} {load[0]:4.1f}>{load[1]:<4.1f}")
-        if side.startswith("align"):
-            print(f"{'':11} align split: " + ", ".join(f"{k} {v:.2f}" for k, v in s["split"].items()))
+        print(f"{side:11} {s['s_step']:7.1f} {s['median']:7.1f} {s['sps']:9.3f} {ratio:>9} {s['gen']:6.1f} "
+              f"{s['sync']:5.2f} {s['reward']:6.2f} {s['train']:6.1f} {s['len']:5.1f} {load[0]:4.1f}>{load[1]:<4.1f}")
     for side, why in failed.items():
         print(f"{side:11} FAILED: {why}")
-    print("(gen: generation s/step, incl. TRL's vLLM weight sync; rest: log-probs + update (+ align's sync); "
-          "len: mean completion tokens; load: 1-min load average before > after the side)")
+    print("(seconds per step after warm-up: gen = generation; sync = weights to the engine (TRL-vLLM: merge + "
+          "load); train = the rest: log-probs, loss, backward, optimizer, overheads; len = mean completion "
+          "tokens; load = 1-min load average before > after the side)")
+    for side, s in sums.items():
+        print(f"{side}: per-step seconds " + ", ".join(f"{x:.1f}" for x in results[side]["step_s"])
+              + "; split " + ", ".join(f"{k} {v:.2f}" for k, v in s["raw"].items()))
 
 
 if __name__ == "__main__":

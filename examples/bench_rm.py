@@ -30,6 +30,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--autocast", choices=["bfloat16", "none"], default="bfloat16",
+                   help="bf16 autocast for forward/backward (about 3x faster on this CPU)")
     p.add_argument("--out", default="runs/bench-rm")
     a = p.parse_args()
     if not Path(a.data).is_file():
@@ -49,7 +51,7 @@ def main() -> None:
         f"data.path={out / 'train.jsonl'}", f"data.eval_path={out / 'heldout.jsonl'}",
         f"train.output_dir={out / 'run'}", f"train.max_steps={a.steps}", f"train.batch_size={a.batch}",
         f"data.max_length={a.max_length}", f"train.lr={a.lr}", "peft.method=lora", "peft.r=16",
-        "train.num_threads=2", "log.progress=true"])
+        "train.num_threads=2", "log.progress=true", f"train.autocast={a.autocast}"])
     model = rm.load_rm(cfg.model, cfg.peft)
     from align.models import load_tokenizer
 
@@ -72,7 +74,7 @@ def main() -> None:
     ev = res.result.eval_history[-1]
     print(f"\nLoRA reward model (r=16, all linear) on SmolLM2-135M-Instruct, HH-RLHF harmless-base: "
           f"{len(train)} train pairs, {len(pairs)} held-out pairs, {a.steps} steps x batch {a.batch}, "
-          f"max_length {a.max_length}")
+          f"max_length {a.max_length}, autocast {a.autocast}, {torch.get_num_threads()} threads")
     print(f"held-out pairwise accuracy: {before:.1%} before -> {ev['eval/accuracy']:.1%} after "
           f"(mean margin {ev['eval/margin']:.3f})")
     print(f"training: {pairs_per_s:.2f} pairs/s ({2 * pairs_per_s:.2f} sequences/s); wall {wall:.0f} s incl. eval; "

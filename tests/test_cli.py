@@ -22,3 +22,25 @@ def test_missing_data_file_is_named(tmp_path):
 def test_unknown_stage_prints_usage():
     out = _align("fly")
     assert out.returncode == 2 and "usage: align" in out.stderr
+
+
+def test_preference_stage_trains_from_the_command_line(tmp_path):
+    from align.tiny import save_tiny_model
+    from conftest import write_jsonl
+
+    model = save_tiny_model(tmp_path / "tiny")
+    rows = [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad"} for i in range(8)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = _align("preference", "examples/preference.yaml", f"model.name={model}", f"data.path={data}",
+                 "data.eval_fraction=0.25", f"train.output_dir={tmp_path}/run", "train.max_steps=2",
+                 "train.batch_size=2", "train.autocast=none", "log.progress=false", "log.plot=false")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "held-out reward accuracy" in out.stdout
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_sweep_bad_base_key_exits_2(tmp_path):
+    out = _align("sweep", "examples/sweep_preference.yaml", "base.train.lrr=1.0e-4",
+                 f"output_dir={tmp_path}/sweep")
+    assert out.returncode == 2
+    assert "unknown config key 'train.lrr'" in out.stderr, out.stderr
