@@ -280,8 +280,11 @@ class PolicyLearner:
         micro = list(mini.split(self.micro))
         for k, mb in enumerate(micro):
             mb = _trim(mb)
+            # Under ZeRO the forward goes through the engine: ZeRO-3 counts micro-steps there, and
+            # without that count every micro-batch's gradient overwrote the one before it
+            net = self.engine if self.engine is not None else self.model
             with autocast(self.amp):
-                lp, ent = token_logprobs(self.model, mb.input_ids, mb.attention_mask, mb.prompt_len,
+                lp, ent = token_logprobs(net, mb.input_ids, mb.attention_mask, mb.prompt_len,
                                          self.temperature, with_entropy=True)
             fields = {k: v for k, v in mb.tensors().items() if k not in ("input_ids", "attention_mask")}
             loss, metrics = loss_fn(logprobs=lp, **fields, **counts)
