@@ -60,20 +60,8 @@ def _loss(algo, logprobs: Tensor, advantages: Tensor, action_mask: Tensor, old_l
         num_tokens=num_tokens, num_seqs=num_seqs)
 
 
-@register("rloo")
-@dataclass
-class RLOO:
-    """REINFORCE Leave-One-Out (arXiv 2402.14740): per-prompt leave-one-out baseline, KL in the reward."""
-
-    clip_low: float = 0.2  # ratio lower clip (TRL RLOO epsilon 0.2)
-    clip_high: float = 0.2  # ratio upper clip
-    dual_clip: float | None = None  # c > 1: dual-clip where A < 0
-    loss_agg: str = "token-mean"  # verl / OpenRLHF
-    loss_scale_factor: float | None = None  # C of seq-mean-token-sum-norm
-    kl_coef: float = 0.05  # beta (TRL RLOO default)
-    kl_mode: str = "reward"  # reward: r_i - beta * sum_t k1_t (TRL, OpenRLHF) | loss
-    kl_estimator: str = "k1"  # estimator of the KL term
-    normalize_advantages: bool = False  # whiten A over the batch afterwards (TRL option)
+class _KLInReward:
+    """What RLOO and REINFORCE++ share besides their advantages: validation, needs, selection and the loss."""
 
     def __post_init__(self) -> None:
         _check(self)
@@ -86,6 +74,28 @@ class RLOO:
     def select(self, groups: list, batch_groups: int | None = None, round: int = 1) -> Selection:
         """Every generated group trains."""
         return keep_all(groups)
+
+    def loss(self, *, logprobs: Tensor, advantages: Tensor, action_mask: Tensor,
+             old_logprobs: Tensor | None = None, ref_logprobs: Tensor | None = None,
+             num_tokens: float | None = None, num_seqs: float | None = None, **_) -> tuple[Tensor, dict[str, float]]:
+        """Token-level clipped surrogate on (B, T) tensors -> (loss, metrics)."""
+        return _loss(self, logprobs, advantages, action_mask, old_logprobs, ref_logprobs, num_tokens, num_seqs)
+
+
+@register("rloo")
+@dataclass
+class RLOO(_KLInReward):
+    """REINFORCE Leave-One-Out (arXiv 2402.14740): per-prompt leave-one-out baseline, KL in the reward."""
+
+    clip_low: float = 0.2  # ratio lower clip (TRL RLOO epsilon 0.2)
+    clip_high: float = 0.2  # ratio upper clip
+    dual_clip: float | None = None  # c > 1: dual-clip where A < 0
+    loss_agg: str = "token-mean"  # verl / OpenRLHF
+    loss_scale_factor: float | None = None  # C of seq-mean-token-sum-norm
+    kl_coef: float = 0.05  # beta (TRL RLOO default)
+    kl_mode: str = "reward"  # reward: r_i - beta * sum_t k1_t (TRL, OpenRLHF) | loss
+    kl_estimator: str = "k1"  # estimator of the KL term
+    normalize_advantages: bool = False  # whiten A over the batch afterwards (TRL option)
 
     def advantages(self, *, rewards: Tensor, group_ids: Tensor, action_mask: Tensor | None = None,
                    scored: Tensor | None = None, old_logprobs: Tensor | None = None,
@@ -106,16 +116,10 @@ class RLOO:
             adv = masked_whiten(adv, ok)
         return adv
 
-    def loss(self, *, logprobs: Tensor, advantages: Tensor, action_mask: Tensor,
-             old_logprobs: Tensor | None = None, ref_logprobs: Tensor | None = None,
-             num_tokens: float | None = None, num_seqs: float | None = None, **_) -> tuple[Tensor, dict[str, float]]:
-        """Token-level clipped surrogate on (B, T) tensors -> (loss, metrics)."""
-        return _loss(self, logprobs, advantages, action_mask, old_logprobs, ref_logprobs, num_tokens, num_seqs)
-
 
 @register("reinforce_pp")
 @dataclass
-class ReinforcePP:
+class ReinforcePP(_KLInReward):
     """REINFORCE++ (arXiv 2501.03262): k1 KL in the token reward, reward-to-go whitened over the batch;
     baseline=True subtracts each prompt's mean reward first (REINFORCE++-baseline)."""
 
@@ -129,18 +133,6 @@ class ReinforcePP:
     kl_estimator: str = "k1"  # k1 in the reward (the paper)
     gamma: float = 1.0  # discount of the reward-to-go
     baseline: bool = False  # subtract the group mean of the scores before whitening
-
-    def __post_init__(self) -> None:
-        _check(self)
-
-    @property
-    def needs(self) -> Needs:
-        """Old and reference logprobs when there is a KL term (it is in the reward); no critic."""
-        return Needs(old_logprobs=self.kl_coef > 0, ref_logprobs=self.kl_coef > 0, values=False)
-
-    def select(self, groups: list, batch_groups: int | None = None, round: int = 1) -> Selection:
-        """Every generated group trains."""
-        return keep_all(groups)
 
     def advantages(self, *, rewards: Tensor, action_mask: Tensor, group_ids: Tensor | None = None,
                    scored: Tensor | None = None, old_logprobs: Tensor | None = None,
@@ -157,9 +149,3 @@ class ReinforcePP:
         returns, _ = gae(r, torch.zeros_like(r), mask, self.gamma, 1.0)  # (B, T) V = 0: reward-to-go
         keep = mask & ok.unsqueeze(-1)  # (B, T)
         return masked_whiten(returns, keep)
-
-    def loss(self, *, logprobs: Tensor, advantages: Tensor, action_mask: Tensor,
-             old_logprobs: Tensor | None = None, ref_logprobs: Tensor | None = None,
-             num_tokens: float | None = None, num_seqs: float | None = None, **_) -> tuple[Tensor, dict[str, float]]:
-        """Token-level clipped surrogate on (B, T) tensors -> (loss, metrics)."""
-        return _loss(self, logprobs, advantages, action_mask, old_logprobs, ref_logprobs, num_tokens, num_seqs)
