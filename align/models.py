@@ -139,6 +139,11 @@ def load_causal_lm(cfg: ModelConfig, quantization_config=None, head: str = "lm")
         model = cls.from_pretrained(resolve_model(cfg.name), **kwargs)
     except OSError as exc:
         raise ModelNotFoundError(f"cannot load model.name={cfg.name!r}: {exc}") from None
+    if head == "token" and isinstance(getattr(model, "dropout", None), torch.nn.Dropout):
+        # transformers puts dropout 0.1 before a token head: a value head wants none (noisy values,
+        # and data-parallel critics would no longer agree with one critic)
+        model.dropout.p = 0.0
+        model.config.classifier_dropout = 0.0
     if head != "lm" and model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     if cfg.gradient_checkpointing:

@@ -115,10 +115,12 @@ class RLRun:
         self.sampling = _sampling(r, n=r.n, temperature=r.temperature, seed=cfg.train.seed)
         debug = cfg.train.debug
         if not debug:  # one logical CPU per actor: engines and learners take turns on the real cores
-            n_actors = r.num_engines + cfg.train.num_learners + 2  # + critic and reference, when present
+            n_actors = r.num_engines + 2 * cfg.train.num_learners + 1  # + critics and reference, when present
             actors.init_ray(num_cpus=max(n_actors, os.cpu_count() or 1))
         path = model if model is not None else resolve_model(cfg.model.name)
+        self.merged_sync = merged_lora_sync(r, path)
         self.engines = ActorGroup(RolloutWorker, r.num_engines, r.backend, path, self.tokenizer if model is not None else None,
+                                  enable_lora=not self.merged_sync,
                                   dtype=r.dtype, num_threads=r.num_threads, seed=cfg.train.seed,
                                   max_lora_rank=max(cfg.peft.r, 8), debug=debug, env_threads=r.num_threads or 2,
                                   max_restarts=cfg.train.max_actor_restarts)
@@ -148,11 +150,17 @@ class RLRun:
             c = cfg.critic
             critic_model = dataclasses.replace(cfg.model, name=c.model or cfg.model.name)
             critic_peft = dataclasses.replace(cfg.peft, method=c.method or cfg.peft.method)
-            self.critic = ActorGroup(CriticLearner, 1, critic_model, critic_peft, c.lr, cfg.train.steps,
+            # as many critics as policy learners, data-parallel in their own process group (plain
+            # gradient all-reduce: the value head is small, ZeRO would buy it little)
+            n = cfg.train.num_learners
+            self.critic = ActorGroup(CriticLearner, n, critic_model, critic_peft, c.lr, cfg.train.steps,
                                      max_grad_norm=cfg.train.max_grad_norm,
                                      micro_batch_size=cfg.algorithm.micro_batch_size, seed=cfg.train.seed,
                                      num_threads=cfg.train.num_threads, model=critic_init, debug=debug,
                                      env_threads=cfg.train.num_threads or 2, amp=cfg.train.autocast)
+            if n > 1:
+                port = _free_port()
+                actors.get(self.critic.run_each("init_distributed", [(i, n, port) for i in range(n)]))
         specs = [rewards.RewardSpec(f.name.split(":")[-1], f.name, weight=f.weight, on_error=f.on_error,
                                     kwargs=f.kwargs) for f in cfg.reward.functions]
         self.rewards = rewards.RewardRunner(specs)
@@ -164,12 +172,13 @@ class RLRun:
         n = len(self.engines)
         parts = [rows[i::n] for i in range(n)]
         refs, offsets = [], []
+        # each engine its own noise
+        per_engine = [dataclasses.replace(sampling, seed=sampling.seed + 7919 * i)
+                      if sampling.seed is not None and n > 1 else sampling for i in range(n)]
         for i, part in enumerate(parts):
-            if sampling.seed is not None and n > 1:  # each engine its own noise
-                sampling = dataclasses.replace(sampling, seed=sampling.seed + 7919 * i)
             if part:
                 # rows i, i+n, ... go to engine i; group ids are assigned after, in row order
-                refs.append(self.engines.call(i, "generate", [p["text"] for p in part], sampling, 0,
+                refs.append(self.engines.call(i, "generate", [p["text"] for p in part], per_engine[i], 0,
                                               [p["columns"] for p in part]))
                 offsets.append(i)
         results = actors.get(refs)
@@ -177,8 +186,8 @@ class RLRun:
             if version != self.version:  # the worker died and Ray restarted it: re-sync, re-ask
                 self.restarts += 1
                 actors.get(self.engines.call(i, "update", self._payload()))
-                results[j] = actors.get(self.engines.call(i, "generate", [p["text"] for p in parts[i]], sampling,
-                                                          0, [p["columns"] for p in parts[i]]))
+                results[j] = actors.get(self.engines.call(i, "generate", [p["text"] for p in parts[i]],
+                                                          per_engine[i], 0, [p["columns"] for p in parts[i]]))
         by_row: list[list[Sample]] = [[] for _ in rows]
         for i, (samples, _, _) in zip(offsets, results):
             k = sampling.n
@@ -194,7 +203,7 @@ class RLRun:
     def _payload(self) -> dict[str, Any]:
         """The learner's weights for the engines, stamped with the current version (every learner
         is asked: under ZeRO-3 gathering the weights is collective; rank 0's copy is used)."""
-        payload = actors.get(self.learner.run("sync_payload"))[0]
+        payload = actors.get(self.learner.run("sync_payload", self.merged_sync))[0]
         payload["version"] = self.version
         return payload
 
@@ -258,12 +267,12 @@ class RLRun:
         updates = [self.learner.call(i, "update", sh, self.algo, cfg.algorithm.epochs, cfg.algorithm.minibatches)
                    for i, sh in enumerate(shards)]
         if self.critic is not None:  # policy and critic are separate actors: they update concurrently
-            updates.append(self.critic.call(0, "update", exp, self.algo, cfg.algorithm.epochs,
-                                            cfg.algorithm.minibatches))
+            updates += [self.critic.call(i, "update", sh, self.algo, cfg.algorithm.epochs, cfg.algorithm.minibatches)
+                        for i, sh in enumerate(shards)]
         results = actors.get(updates)
         m.update(results[0])
-        for result in results[len(shards):]:  # the critic's metrics
-            m.update(result)
+        if self.critic is not None:  # rank 0 of the critics
+            m.update(results[len(shards)])
         times["update"] = time.perf_counter() - t
         t = time.perf_counter()
         self.version += 1
@@ -338,6 +347,15 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def merged_lora_sync(r, model: Any) -> bool:
+    """Whether a LoRA policy reaches the engines as merged full weights (`rollout.lora_sync`)."""
+    if r.lora_sync != "auto":
+        return r.lora_sync == "merged"
+    from rollout import resolve_backend
+
+    return resolve_backend(r.backend, model) == "vllm" and not torch.cuda.is_available()
 
 
 def _shard(exp, n: int) -> list:

@@ -87,12 +87,12 @@ class RolloutWorker:
 
     def __init__(self, backend: str, model: Any, tokenizer: Any = None, dtype: str = "float32",
                  num_threads: int = 0, seed: int = 0, max_lora_rank: int = 64, max_model_len: int | None = None,
-                 vllm_kwargs: dict | None = None):
+                 vllm_kwargs: dict | None = None, enable_lora: bool = True):
         from rollout import make_engine
 
         threads = set_threads(num_threads)
         self.engine = make_engine(backend, model=model, tokenizer=tokenizer, dtype=dtype, num_threads=threads,
-                                  enable_lora=True, max_lora_rank=max_lora_rank, seed=seed,
+                                  enable_lora=enable_lora, max_lora_rank=max_lora_rank, seed=seed,
                                   max_model_len=max_model_len, vllm_kwargs=vllm_kwargs)
         self.backend = type(self.engine).__name__
         self.version = 0  # weights version last loaded; 0 = the initial checkpoint (also after a restart)
@@ -146,7 +146,53 @@ class ReferenceWorker:
         return _logprobs_in_chunks(self.model, exp, self.micro, self.temperature)
 
 
-class PolicyLearner:
+class DataParallel:
+    """Data parallelism shared by the policy and critic learners: N actors in one torch.distributed
+    group, each on whole groups of the batch, token counts summed and gradients averaged, so N
+    learners take the step one learner would take on the combined batch (tested)."""
+
+    def init_distributed(self, rank: int, world_size: int, port: int, host: str = "127.0.0.1") -> int:
+        """Join the learners' process group (gloo on CPUs, NCCL on GPUs); returns the rank."""
+        import torch.distributed as dist
+
+        import os
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # DeepSpeed reads the launcher's variables; Ray gives each GPU actor its own device 0
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR=host, MASTER_PORT=str(port),
+                          LOCAL_RANK="0" if torch.cuda.is_available() else str(rank))
+        dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=world_size)
+        if getattr(self, "zero_stage", 0):
+            self._init_deepspeed()
+        return rank
+
+    def _global_counts(self, counts: dict[str, int]) -> dict[str, float]:
+        """Token / sequence counts of the whole minibatch across learners, divided by the number of
+        learners because gradients are averaged (algorithms/core.py's rule for data parallelism)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return counts
+        t = torch.tensor([float(counts["num_tokens"]), float(counts["num_seqs"])])
+        dist.all_reduce(t)
+        w = dist.get_world_size()
+        return {"num_tokens": float(t[0]) / w, "num_seqs": float(t[1]) / w}
+
+    def _average_gradients(self) -> None:
+        """All-reduce the gradients (mean over learners): every learner takes the same step."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        w = dist.get_world_size()
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= w
+
+
+class PolicyLearner(DataParallel):
     """The trainable policy, its optimizer and the update loop over one rollout batch."""
 
     def __init__(self, model_cfg: ModelConfig, peft_cfg: PeftConfig, lr: float, total_steps: int,
@@ -176,22 +222,6 @@ class PolicyLearner:
         from align.tuning import after_backward_hook
 
         self.after_step = after_backward_hook(self.model, peft_cfg)
-
-    # ------------------------------------------------------------------ data parallelism
-    def init_distributed(self, rank: int, world_size: int, port: int, host: str = "127.0.0.1") -> int:
-        """Join the learners' process group (gloo on CPUs, NCCL on GPUs); returns the rank."""
-        import torch.distributed as dist
-
-        import os
-
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        # DeepSpeed reads the launcher's variables; Ray gives each GPU actor its own device 0
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR=host, MASTER_PORT=str(port),
-                          LOCAL_RANK="0" if torch.cuda.is_available() else str(rank))
-        dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=world_size)
-        if self.zero_stage:
-            self._init_deepspeed()
-        return rank
 
     def _init_deepspeed(self) -> None:
         """Wrap the model and optimizer in a DeepSpeed ZeRO engine (stage 2 or 3, optional CPU offload).
@@ -226,31 +256,6 @@ class PolicyLearner:
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(list(self.model.parameters()))
-
-    def _global_counts(self, counts: dict[str, int]) -> dict[str, float]:
-        """Token / sequence counts of the whole minibatch across learners, divided by the number of
-        learners because gradients are averaged (algorithms/core.py's rule for data parallelism)."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return counts
-        t = torch.tensor([float(counts["num_tokens"]), float(counts["num_seqs"])])
-        dist.all_reduce(t)
-        w = dist.get_world_size()
-        return {"num_tokens": float(t[0]) / w, "num_seqs": float(t[1]) / w}
-
-    def _average_gradients(self) -> None:
-        """All-reduce the gradients (mean over learners): every learner takes the same step."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        w = dist.get_world_size()
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad /= w
 
     # ------------------------------------------------------------------ experience
     def logprobs(self, exp: Experience, old: bool, ref: bool) -> dict[str, torch.Tensor]:
@@ -330,19 +335,21 @@ class PolicyLearner:
         return out
 
     # ------------------------------------------------------------------ weights
-    def sync_payload(self) -> dict[str, Any]:
-        """What the rollout engines need: LoRA tensors + config, or a full (merged) state dict.
-        Under ZeRO-3 every learner must call it (gathering the parameters is collective)."""
+    def sync_payload(self, merged: bool = False) -> dict[str, Any]:
+        """What the rollout engines need: LoRA tensors + config, or a full (merged) state dict
+        (`merged=True` folds a LoRA in too). Under ZeRO-3 every learner must call it (gathering the
+        parameters is collective)."""
         with self._gathered():
-            return self._payload()
+            return self._payload(merged)
 
-    def _payload(self) -> dict[str, Any]:
-        if self.method in ("lora", "qlora") and not getattr(self.model.peft_config["default"], "use_dora", False):
+    def _payload(self, merged: bool = False) -> dict[str, Any]:
+        lora = self.method in ("lora", "qlora") and not getattr(self.model.peft_config["default"], "use_dora", False)
+        if lora and not (merged and self.method == "lora"):  # QLoRA stays an adapter (4-bit base)
             import peft
 
             tensors = {k: v.detach().cpu() for k, v in peft.get_peft_model_state_dict(self.model).items()}
             return {"kind": "lora", "tensors": tensors, "config": self.model.peft_config["default"].to_dict()}
-        if self.method in _MERGEABLE_ADAPTERS:  # DoRA / AdaLoRA / IA3: the engine takes merged weights
+        if self.method in _MERGEABLE_ADAPTERS or lora:  # DoRA / AdaLoRA / IA3 (and merged LoRA): full weights
             merged = copy.deepcopy(self.model).merge_and_unload()
             return {"kind": "full", "tensors": {k: v.detach().cpu() for k, v in merged.state_dict().items()}}
         return {"kind": "full", "tensors": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}}
@@ -379,7 +386,7 @@ class PolicyLearner:
         return str(save_final(self.model, tokenizer, Path(path)))
 
 
-class CriticLearner:
+class CriticLearner(DataParallel):
     """The value model of PPO: a one-output token head on a causal LM, under any fine-tuning method,
     with its own optimizer and learning rate. Values are aligned with logprobs: the value of the
     action at column t is the head's output at column t - 1 (the state before token t)."""
@@ -428,7 +435,7 @@ class CriticLearner:
             order = torch.randperm(len(exp), generator=self.generator)
             for start in range(0, len(exp), size):
                 mini = exp.index(order[start:start + size])
-                counts = normalizers(mini.action_mask)
+                counts = self._global_counts(normalizers(mini.action_mask))
                 for mb in mini.split(self.micro):
                     mb = _trim(mb)
                     loss, metrics = algorithm.value_loss(new_values=self._values(mb), values=mb.values,
@@ -436,6 +443,7 @@ class CriticLearner:
                     loss.backward()
                     sums.add(metrics, float(mb.action_mask.sum()), prefix="critic/")
                 sums.updates += 1
+                self._average_gradients()
                 torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm or float("inf"))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)

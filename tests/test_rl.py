@@ -2,6 +2,7 @@
 after weight sync (HF and vLLM); micro-batch accumulation equals one batch."""
 import importlib.util
 import json
+import math
 
 import pytest
 import torch
@@ -65,8 +66,8 @@ def _learner_after_one_update(model_dir):
     return learner
 
 
-def _assert_engine_matches_learner(worker, learner):
-    worker.update(learner.sync_payload())
+def _assert_engine_matches_learner(worker, learner, merged=False):
+    worker.update(learner.sync_payload(merged))
     samples, _, _ = worker.generate(["What is 12 + 7?", "The quick brown fox"],
                                  SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=1, logprobs=True))
     exp = build_experience(samples, 0)
@@ -87,13 +88,16 @@ def test_hf_engine_equals_learner_after_sync(tmp_path):
 
 @pytest.mark.vllm
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
-def test_vllm_engine_equals_learner_after_sync(tmp_path):
+@pytest.mark.parametrize("merged", [False, True], ids=["adapter", "merged"])
+def test_vllm_engine_equals_learner_after_sync(tmp_path, merged):
+    """The LoRA reaches vLLM as an adapter, or folded into full weights (rollout.lora_sync=merged,
+    the CPU default: no LoRA layers in the engine at all)."""
     model_dir = save_tiny_model(tmp_path / "tiny")
     learner = _learner_after_one_update(model_dir)
     worker = RolloutWorker("vllm", str(model_dir), num_threads=1, max_lora_rank=8, max_model_len=256,
-                           vllm_kwargs={"kv_cache_gib": 0.25})
+                           vllm_kwargs={"kv_cache_gib": 0.25}, enable_lora=not merged)
     try:
-        _assert_engine_matches_learner(worker, learner)
+        _assert_engine_matches_learner(worker, learner, merged)
     finally:
         worker.engine.close()
 
@@ -209,3 +213,61 @@ def test_two_gloo_learners_equal_one_learner_on_the_combined_batch(tmp_path):
     finally:
         one.kill()
         two.kill()
+
+
+def test_two_gloo_critics_equal_one_critic_on_the_combined_batch(tmp_path):
+    """PPO's critic is data-parallel like the policy: two critics (gloo), each on half the groups,
+    predict the same values after a step as one critic trained on the whole batch."""
+    from align import actors
+    from align.actors import ActorGroup
+    from align.rl import _free_port, _shard
+    from align.workers import CriticLearner
+
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    engine = RolloutWorker("hf", str(model_dir), num_threads=1)
+    samples, _, _ = engine.generate(["What is 2 + 3?", "Tom has 5 apples", "yes or no", "red blue"],
+                                    SamplingParams(n=3, max_new_tokens=7, seed=5))
+    exp = build_experience(samples, 0)
+    exp.values = torch.zeros(exp.action_mask.shape)
+    exp.returns = torch.arange(len(exp), dtype=torch.float)[:, None] / len(exp) * exp.action_mask  # (B, T)
+    algo = algorithms.get("ppo")
+    args = (ModelConfig(name=str(model_dir)), PeftConfig(method="lora", r=8), 5e-2, 3)
+    kw = dict(micro_batch_size=4, num_threads=1)
+    actors.init_ray(num_cpus=4)
+    one = ActorGroup(CriticLearner, 1, *args, **kw)
+    two = ActorGroup(CriticLearner, 2, *args, **kw)
+    try:
+        port = _free_port()
+        actors.get(two.run_each("init_distributed", [(0, 2, port), (1, 2, port)]))
+        before = actors.get(one.call(0, "values", exp))
+        m1 = actors.get(one.call(0, "update", exp, algo))
+        m2 = actors.get([two.call(i, "update", sh, algo) for i, sh in enumerate(_shard(exp, 2))])
+        want = actors.get(one.call(0, "values", exp))
+        got0, got1 = actors.get(two.run("values", exp))
+        assert torch.equal(got0, got1)  # the two critics stay identical
+        assert (want - before).abs().max() > 1e-2  # the step moved the values
+        assert torch.allclose(got0, want, atol=1e-4), (got0 - want).abs().max()
+        assert math.isfinite(m1["critic/value_loss"]) and math.isfinite(m2[0]["critic/value_loss"])
+    finally:
+        one.kill()
+        two.kill()
+
+
+def test_several_rollout_engines_share_a_batch_in_prompt_order(tmp_path):
+    """rollout.num_engines=3: the batch's prompts are dealt to three HF engines, each group comes back
+    under its own prompt in row order, and each engine samples with its own noise."""
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    run = rl.RLRun(_cfg(tmp_path, model_dir, "rollout.num_engines=3"))
+    try:
+        assert len(run.engines) == 3
+        rows = run.stream.take(5)
+        rows = rows[:2] + [rows[0]] + rows[2:]  # one prompt twice: engines 0 and 2 get it
+        samples, _ = run.generate(rows, run.sampling, group_offset=10)
+        n = run.cfg.rollout.n
+        assert len(samples) == len(rows) * n
+        assert [s.group_id for s in samples] == [10 + r for r in range(len(rows)) for _ in range(n)]
+        assert [s.prompt for s in samples] == [r["text"] for r in rows for _ in range(n)]
+        same_prompt = [[s.completion for s in samples if s.group_id == g] for g in (10, 12)]
+        assert same_prompt[0] != same_prompt[1]  # engines 0 and 2: different noise for one prompt
+    finally:
+        run.close()
