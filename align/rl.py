@@ -203,7 +203,7 @@ class RLRun:
     def _payload(self) -> dict[str, Any]:
         """The learner's weights for the engines, stamped with the current version (every learner
         is asked: under ZeRO-3 gathering the weights is collective; rank 0's copy is used)."""
-        payload = actors.get(self.learner.run("sync_payload", self.merged_sync))[0]
+        payload = actors.get(self.learner.run("sync_payload"))[0]
         payload["version"] = self.version
         return payload
 

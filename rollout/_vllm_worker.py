@@ -51,6 +51,41 @@ class AlignWorkerExtension:
         loaded = model.load_weights(weights=list(state_dict.items()))
         return len(loaded) if loaded is not None else len(state_dict)
 
+    def align_merge_lora(self, blob: bytes, scales: dict[str, float]) -> int:
+        """Serve base + LoRA with no LoRA layers: W = W0 + scale * B @ A for every adapted module
+        (`blob`: "<module>.A" / "<module>.B" tensors), W0 read once from the checkpoint files and
+        kept in memory, the result loaded through `load_weights` like a full update."""
+        from safetensors.torch import load
+
+        lora = load(blob)
+        base = self._align_base_weights([f"{m}.weight" for m in scales])
+        merged = []
+        for module, scale in scales.items():
+            w0 = base[f"{module}.weight"]  # (out, in) float32
+            merged.append((f"{module}.weight", w0 + scale * (lora[f"{module}.B"].float() @ lora[f"{module}.A"].float())))
+        self.model_runner.model.load_weights(weights=merged)  # type: ignore[attr-defined]
+        return len(merged)
+
+    def _align_base_weights(self, names: list[str]) -> dict:
+        """The checkpoint's float32 weights `names` (cached: LoRA always merges into the same W0)."""
+        import glob
+
+        from safetensors import safe_open
+
+        cache = self.__dict__.setdefault("_align_w0", {})
+        missing = [n for n in names if n not in cache]
+        if missing:
+            root = self.model_runner.model_config.model  # type: ignore[attr-defined]
+            for path in sorted(glob.glob(os.path.join(root, "*.safetensors"))):
+                with safe_open(path, "pt") as fh:
+                    for n in set(missing) & set(fh.keys()):
+                        cache[n] = fh.get_tensor(n).float()
+            lost = [n for n in missing if n not in cache]
+            if lost:
+                raise KeyError(f"base weights {lost[:3]} not found in {root}/*.safetensors; "
+                               "use rollout.lora_sync=adapter")
+        return cache
+
     def align_num_threads(self) -> int:
         """The worker's torch thread count (for tests and logs)."""
         return torch.get_num_threads()

@@ -66,8 +66,8 @@ def _learner_after_one_update(model_dir):
     return learner
 
 
-def _assert_engine_matches_learner(worker, learner, merged=False):
-    worker.update(learner.sync_payload(merged))
+def _assert_engine_matches_learner(worker, learner):
+    worker.update(learner.sync_payload())
     samples, _, _ = worker.generate(["What is 12 + 7?", "The quick brown fox"],
                                  SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=1, logprobs=True))
     exp = build_experience(samples, 0)
@@ -90,14 +90,20 @@ def test_hf_engine_equals_learner_after_sync(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 @pytest.mark.parametrize("merged", [False, True], ids=["adapter", "merged"])
 def test_vllm_engine_equals_learner_after_sync(tmp_path, merged):
-    """The LoRA reaches vLLM as an adapter, or folded into full weights (rollout.lora_sync=merged,
-    the CPU default: no LoRA layers in the engine at all)."""
+    """The LoRA reaches vLLM as an adapter, or is folded into the engine's weights by its workers
+    (rollout.lora_sync=merged, the CPU default: no LoRA layers in the engine at all)."""
     model_dir = save_tiny_model(tmp_path / "tiny")
     learner = _learner_after_one_update(model_dir)
     worker = RolloutWorker("vllm", str(model_dir), num_threads=1, max_lora_rank=8, max_model_len=256,
                            vllm_kwargs={"kv_cache_gib": 0.25}, enable_lora=not merged)
     try:
-        _assert_engine_matches_learner(worker, learner, merged)
+        _assert_engine_matches_learner(worker, learner)
+        if merged:  # a second sync merges into the checkpoint's weights again, not on top of the first
+            with torch.no_grad():
+                for n, p in learner.model.named_parameters():
+                    if "lora_B" in n:
+                        p.mul_(-1.5)
+            _assert_engine_matches_learner(worker, learner)
     finally:
         worker.engine.close()
 
