@@ -49,8 +49,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/rlhf")
     p.add_argument("--quick", action="store_true", help="a few steps per stage")
+    p.add_argument("--rm-breakdown", action="store_true",
+                   help="only score the finished reward model in --out by rejection type, then exit")
     a = p.parse_args()
     out = Path(a.out)
+    if a.rm_breakdown:
+        print("\n".join(rm_breakdown(out / "rm" / "final")))
+        return
     out.mkdir(parents=True, exist_ok=True)
     q = a.quick
     make_data(out, 200 if q else 800)
@@ -93,12 +98,38 @@ def main() -> None:
              f"- PPO reward (reward-model score) per step: {curve}",
              f"- Held-out greedy accuracy (math-verify, not optimised): "
              f"{res['before'].get('eval/accuracy', float('nan')):.1%} before PPO -> "
-             f"{res['after'].get('eval/accuracy', float('nan')):.1%} after", "", "## Samples before / after PPO", ""]
+             f"{res['after'].get('eval/accuracy', float('nan')):.1%} after", *rm_breakdown(out / "rm" / "final"),
+             "", "## Samples before / after PPO", ""]
     for (q_, b), (_, c) in zip(before, after):
         lines += [f"- **{q_}**", f"  - before: {b!r}", f"  - after: {c!r}"]
     report = "\n".join(lines)
     (out / "report.md").write_text(report + "\n")
     print("\n" + report)
+
+
+def rm_breakdown(rm_dir: Path, n: int = 60) -> list[str]:
+    """Report lines: how often the reward model ranks the right calculation above a wrong result,
+    and above an evasive reply, on `n` held-out problems (what PPO can learn from it)."""
+    from align.rm import RewardModelScorer
+
+    score = RewardModelScorer(rm_dir, num_threads=1)
+    _, held = train_and_heldout(800, n, seed=0, suffix=SUFFIX)
+    rng = random.Random(3)
+    prompts, right, wrong, evasive = [], [], [], []
+    for r in held:
+        a, op, b, _, ans = r["completion"].split()
+        prompts.append(score.tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False))
+        right.append(r["completion"])
+        wrong.append(f"{a} {op} {b} = {int(ans) + rng.choice([-1, 1]) * rng.randint(1, 9)}")
+        evasive.append(rng.choice(EVASIVE))
+    s_right, s_wrong, s_evasive = score(prompts, right), score(prompts, wrong), score(prompts, evasive)
+    lines = []
+    for name, other in (("a wrong result", s_wrong), ("an evasive reply", s_evasive)):
+        wins = sum(x > y for x, y in zip(s_right, other)) / n
+        margin = sum(x - y for x, y in zip(s_right, other)) / n
+        lines.append(f"- Reward model, right calculation above {name}: {wins:.1%} of {n} held-out problems "
+                     f"(mean margin {margin:.3f})")
+    return lines
 
 
 def _samples(cfg: RLConfig, base: Path, adapter: Path | None) -> list[tuple[str, str]]:
