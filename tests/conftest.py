@@ -52,3 +52,18 @@ def sft_rows():
     """A learnable SFT set: addition facts as prompt / completion."""
     return [{"prompt": f"What is {a} + {b}?", "completion": f"The answer is {a + b}."}
             for a in range(8) for b in range(6)]
+
+
+def rollout_batch(model_dir):
+    """An Experience of 4 prompt groups x 3 samples from the tiny model at `model_dir`, with fixed
+    rewards 0/1/2 spread over the groups (the batch the data-parallel tests split between learners)."""
+    from align.experience import build_experience
+    from align.workers import RolloutWorker
+    from rollout import SamplingParams
+
+    engine = RolloutWorker("hf", str(model_dir), num_threads=1)
+    samples, _, _ = engine.generate(["What is 2 + 3?", "Tom has 5 apples", "yes or no", "red blue"],
+                                    SamplingParams(n=3, max_new_tokens=7, seed=5))
+    for i, s in enumerate(samples):
+        s.reward = float((i * 5) % 3)
+    return build_experience(samples, 0)

@@ -15,6 +15,7 @@ from align.experience import build_experience, token_logprobs
 from align.rl_config import RLConfig
 from align.tiny import save_tiny_model
 from align.workers import MetricSums, PolicyLearner, RolloutWorker
+from conftest import rollout_batch
 from rollout import SamplingParams
 
 REQUIRED = ["reward", "reward/digit_share/mean", "reward/math_accuracy/mean", "accuracy", "kl", "clip_frac_low",
@@ -190,12 +191,7 @@ def test_two_gloo_learners_equal_one_learner_on_the_combined_batch(tmp_path):
     from align.rl import _free_port, _shard
 
     model_dir = save_tiny_model(tmp_path / "tiny")
-    engine = RolloutWorker("hf", str(model_dir), num_threads=1)
-    samples, _, _ = engine.generate(["What is 2 + 3?", "Tom has 5 apples", "yes or no", "red blue"],
-                                    SamplingParams(n=3, max_new_tokens=7, seed=5))
-    for i, s in enumerate(samples):
-        s.reward = float((i * 5) % 3)
-    exp = build_experience(samples, 0)
+    exp = rollout_batch(model_dir)
     algo = algorithms.get("grpo", loss_agg="token-mean")
     exp.advantages = algo.advantages(**exp.tensors())
     args = (ModelConfig(name=str(model_dir)), PeftConfig(method="lora", r=8), 5e-2, 3)
@@ -230,10 +226,7 @@ def test_two_gloo_critics_equal_one_critic_on_the_combined_batch(tmp_path):
     from align.workers import CriticLearner
 
     model_dir = save_tiny_model(tmp_path / "tiny")
-    engine = RolloutWorker("hf", str(model_dir), num_threads=1)
-    samples, _, _ = engine.generate(["What is 2 + 3?", "Tom has 5 apples", "yes or no", "red blue"],
-                                    SamplingParams(n=3, max_new_tokens=7, seed=5))
-    exp = build_experience(samples, 0)
+    exp = rollout_batch(model_dir)
     exp.values = torch.zeros(exp.action_mask.shape)
     exp.returns = torch.arange(len(exp), dtype=torch.float)[:, None] / len(exp) * exp.action_mask  # (B, T)
     algo = algorithms.get("ppo")

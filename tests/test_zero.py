@@ -8,22 +8,16 @@ import algorithms
 from align import actors
 from align.actors import ActorGroup
 from align.config import ModelConfig, PeftConfig
-from align.experience import build_experience
 from align.rl import _free_port, _shard
 from align.tiny import save_tiny_model
-from align.workers import PolicyLearner, RolloutWorker
-from rollout import SamplingParams
+from align.workers import PolicyLearner
+from conftest import rollout_batch
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     model_dir = save_tiny_model(tmp_path_factory.mktemp("tiny") / "m")
-    engine = RolloutWorker("hf", str(model_dir), num_threads=1)
-    samples, _, _ = engine.generate(["What is 2 + 3?", "Tom has 5 apples", "yes or no", "red blue"],
-                                    SamplingParams(n=3, max_new_tokens=7, seed=5))
-    for i, s in enumerate(samples):
-        s.reward = float((i * 5) % 3)
-    exp = build_experience(samples, 0)
+    exp = rollout_batch(model_dir)
     algo = algorithms.get("grpo", loss_agg="token-mean")
     exp.advantages = algo.advantages(**exp.tensors())
     exp.old_logprobs = torch.zeros_like(exp.advantages[:, None].expand_as(exp.action_mask), dtype=torch.float) - 2.0
