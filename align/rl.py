@@ -350,7 +350,8 @@ def _free_port() -> int:
 
 
 def merged_lora_sync(r, model: Any) -> bool:
-    """Whether a LoRA policy reaches the engines as merged full weights (`rollout.lora_sync`)."""
+    """Whether the engines run without LoRA layers and fold each adapter into their weights
+    (`rollout.lora_sync`; only vLLM engines differ, the HF engine always merges)."""
     if r.lora_sync != "auto":
         return r.lora_sync == "merged"
     from rollout import resolve_backend

@@ -47,6 +47,10 @@ class AlignWorkerExtension:
         from safetensors.torch import load
 
         state_dict = load(blob)
+        cache = self.__dict__.get("_align_w0", {})
+        for n in set(cache) & set(state_dict):  # new base weights: later LoRA merges start from them
+            cache[n] = state_dict[n].float()
+        self.__dict__["_align_merged"] = set()
         model = self.model_runner.model  # type: ignore[attr-defined]
         loaded = model.load_weights(weights=list(state_dict.items()))
         return len(loaded) if loaded is not None else len(state_dict)
@@ -58,12 +62,16 @@ class AlignWorkerExtension:
         from safetensors.torch import load
 
         lora = load(blob)
-        base = self._align_base_weights([f"{m}.weight" for m in scales])
-        merged = []
+        before = self.__dict__.setdefault("_align_merged", set())
+        restore = before - set(scales)  # merged last time, not adapted now: back to W0
+        base = self._align_base_weights([f"{m}.weight" for m in set(scales) | restore])
+        merged = [(f"{m}.weight", base[f"{m}.weight"]) for m in sorted(restore)]
         for module, scale in scales.items():
             w0 = base[f"{module}.weight"]  # (out, in) float32
             merged.append((f"{module}.weight", w0 + scale * (lora[f"{module}.B"].float() @ lora[f"{module}.A"].float())))
-        self.model_runner.model.load_weights(weights=merged)  # type: ignore[attr-defined]
+        if merged:
+            self.model_runner.model.load_weights(weights=merged)  # type: ignore[attr-defined]
+        self.__dict__["_align_merged"] = set(scales)
         return len(merged)
 
     def _align_base_weights(self, names: list[str]) -> dict:

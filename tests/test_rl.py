@@ -67,8 +67,9 @@ def _learner_after_one_update(model_dir):
     return learner
 
 
-def _assert_engine_matches_learner(worker, learner):
-    worker.update(learner.sync_payload())
+def _assert_engine_matches_learner(worker, learner, sync=True):
+    if sync:
+        worker.update(learner.sync_payload())
     samples, _, _ = worker.generate(["What is 12 + 7?", "The quick brown fox"],
                                  SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=1, logprobs=True))
     exp = build_experience(samples, 0)
@@ -105,6 +106,13 @@ def test_vllm_engine_equals_learner_after_sync(tmp_path, merged):
                     if "lora_B" in n:
                         p.mul_(-1.5)
             _assert_engine_matches_learner(worker, learner)
+            # an empty adapter means the base model again: every merged layer goes back to W0
+            worker.update({"kind": "lora", "tensors": {}, "config": learner.sync_payload()["config"]})
+            with torch.no_grad():  # the learner as the base model, to compare against
+                for n, p in learner.model.named_parameters():
+                    if "lora_B" in n:
+                        p.zero_()
+            _assert_engine_matches_learner(worker, learner, sync=False)
     finally:
         worker.engine.close()
 
