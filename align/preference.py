@@ -32,9 +32,16 @@ Reference log-probabilities (`algorithm.reference`, unused by reference-free ORP
 - `model`: a frozen copy of the initial model (full fine-tuning without precomputing).
 
 KTO's reference point z0 is estimated on mismatched pairs, built as TRL's KTOTrainer builds them
-when it processes the data: rows are taken in blocks of `train.batch_size` in data order, and the
-completion of row i is paired with the prompt of row i+1 of its block (cyclically). A row keeps its
-partner when the trainer shuffles, so the reference's KL log-probabilities can be precomputed too.
+when it processes the data: rows are taken in blocks of the combined batch (`train.batch_size` x
+processes) in data order, and the completion of row i is paired with the prompt of row i+1 of its
+block (cyclically). A row keeps its partner when the trainer shuffles, so the reference's KL
+log-probabilities can be precomputed too. Under data parallelism z0 is the mean over the mismatched
+pairs of all processes' slices (as TRL gathers them), so N processes compute the z0 of one process
+with the combined batch.
+
+Under torchrun (align/distributed.py) every process needs the reference log-probs of whatever
+examples it is given: each computes every N-th row, a sum gathers them on all processes, and rank 0
+alone reads and writes the cache file (so no process reads another node's disk).
 """
 from __future__ import annotations
 
@@ -45,10 +52,10 @@ import hashlib
 import json
 import math
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 try:
     import fcntl  # POSIX file locks: parallel trials compute a shared reference cache once
@@ -60,11 +67,14 @@ import torch.nn.functional as F
 
 import algorithms
 from align import data as D
+from align import distributed
 from align.config import (ConfigError, DataConfig, LogConfig, ModelConfig, PeftConfig, TrainConfig, from_dict,
                           save_config, to_dict)
+from align.device import autocast as device_autocast
+from align.device import to_device, to_host
 from align.models import load_causal_lm, load_tokenizer, resolve_model, set_threads
 from align.pairs import encode_pairs
-from align.trainer import Trainer, TrainResult
+from align.trainer import Trainer, TrainResult, place_model, plan_steps
 from align.tuning import after_backward_hook, apply_tuning, count_parameters, is_peft, quantization_config, save_final
 
 PREFERENCE_ALGORITHMS = ("dpo", "orpo", "simpo", "kto")  # registry names this stage runs
@@ -236,8 +246,21 @@ def pair_buckets(prompt_lens: Sequence[int], completion_lens: Sequence[int],
     return [order[i:j] for i, j in _cut(len(P), lambda i, j: (j - i) * (P[i] + 2 * max(C[i:j])) + 2 * overhead)]
 
 
+class _Tensors:
+    """`tensors()` and `to(device)` for a chunk dataclass: `align.device.to_device` moves objects
+    that have both (as it moves an Experience), so chunks travel with the batch to the device."""
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every field by name (all are tensors)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def to(self, device: torch.device | str):
+        """A copy with every tensor on `device`."""
+        return dataclasses.replace(self, **{k: v.to(device, non_blocking=True) for k, v in self.tensors().items()})
+
+
 @dataclass
-class Chunk:
+class Chunk(_Tensors):
     """Whole sequences (prompt + completion) padded together for one forward pass."""
 
     input_ids: torch.Tensor  # (b, T) right-padded prompt + completion
@@ -247,7 +270,7 @@ class Chunk:
 
 
 @dataclass
-class PairChunk:
+class PairChunk(_Tensors):
     """Pairs whose shared prompt goes through the model once; both completions attend to its
     key/value cache (gradients flow back through the cache into the prompt's forward)."""
 
@@ -390,7 +413,8 @@ def pair_chunk_logps(model: torch.nn.Module, ch: PairChunk) -> tuple[torch.Tenso
     C = ch.completion_ids.shape[1]
     start = ch.prompt_mask.sum(1).repeat_interleave(2)  # (2b,) prompt lengths
     attn = torch.cat([ch.prompt_mask.repeat_interleave(2, 0), ch.completion_mask], 1)  # (2b, P + C)
-    out = model(input_ids=ch.completion_ids, attention_mask=attn, position_ids=start[:, None] + torch.arange(C),
+    pos = start[:, None] + torch.arange(C, device=start.device)  # (2b, C) positions after each prompt
+    out = model(input_ids=ch.completion_ids, attention_mask=attn, position_ids=pos,
                 past_key_values=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
     hidden = torch.cat([first[:, None], out.hidden_states[-1][:, :-1]], 1)  # (2b, C, H): state before each token
     sel = ch.completion_mask.bool()  # (2b, C)
@@ -430,12 +454,6 @@ def reference_context(model: torch.nn.Module):
     return model.disable_adapter() if is_peft(model) else nullcontext()
 
 
-def _autocast(mode: str):
-    """The trainer's bf16 autocast, so reference log-probs are computed as the policy's are."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.autocast(device, dtype=torch.bfloat16, enabled=mode == "bfloat16")
-
-
 # ----------------------------------------------------------------------------- precomputed reference
 def model_fingerprint(model: torch.nn.Module, name: str, dtype: str, autocast: str) -> str:
     """A short hash of what the reference log-probs depend on besides the data: the model's name,
@@ -463,8 +481,9 @@ def _data_hash(examples: list[PrefExample], model_key: str) -> str:
 def compute_reference(model: torch.nn.Module, examples: list[PrefExample], pad_id: int, autocast: str = "none",
                       share_prompt: bool = False, max_tokens: int = PRECOMPUTE_TOKENS) -> torch.Tensor:
     """(n, k) reference log-probs of every sequence of `examples`: examples sorted by length, in
-    batches of about `max_tokens` real tokens, chunked as in training."""
-    k = len(examples[0].seqs)
+    batches of about `max_tokens` real tokens, chunked as in training, on the model's device with
+    the trainer's autocast (so reference log-probs are computed as the policy's are)."""
+    k, device = len(examples[0].seqs), next(model.parameters()).device
     size = [sum(len(p) + len(c) for p, c in ex.seqs) for ex in examples]
     order = sorted(range(len(examples)), key=lambda i: -size[i])
     batches, cur, tokens = [], [], 0
@@ -478,13 +497,13 @@ def compute_reference(model: torch.nn.Module, examples: list[PrefExample], pad_i
     out = torch.zeros(len(examples), k)
     was_training = model.training
     model.eval()
-    with reference_context(model), _autocast(autocast):
+    with reference_context(model), device_autocast(device, autocast):
         for idx in batches:
             exs = [examples[i] for i in idx]
             chunks = (make_pair_chunks(exs, pad_id) if share_prompt
                       else make_chunks([ex.seqs[s] for s in range(k) for ex in exs], pad_id))
-            lp, _ = sequence_logps(model, chunks)  # (k * b,): slot 0 of every example, then slot 1
-            out[torch.tensor(idx)] = lp.float().cpu().view(k, len(idx)).T
+            lp, _ = sequence_logps(model, to_device(chunks, device))  # (k * b,): slot 0 of every example, then slot 1
+            out[torch.tensor(idx)] = to_host(lp.float()).view(k, len(idx)).T
     model.train(was_training)
     return out
 
@@ -492,30 +511,46 @@ def compute_reference(model: torch.nn.Module, examples: list[PrefExample], pad_i
 def attach_reference(model: torch.nn.Module, examples: list[PrefExample], pad_id: int, cache_dir: Path,
                      model_key: str, autocast: str = "none", share_prompt: bool = False, what: str = "train") -> bool:
     """Set `ex.ref` on every example, from the cache file when it exists (True) or computed and
-    cached (False). The file is written atomically (temp file + rename)."""
+    cached (False). The file is written atomically (temp file + rename). Under data parallelism
+    every process calls this: rank 0 reads or writes the file, the rows are computed by all."""
     from safetensors.torch import load_file, save_file
 
     if not examples:
         return True
-    cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"reference-{_data_hash(examples, model_key)}.safetensors"
+    main, device = distributed.is_main(), next(model.parameters()).device
+    if main:
+        cache_dir.mkdir(parents=True, exist_ok=True)
     # One process computes, the others (parallel sweep trials on the same data) wait and load.
-    with open(path.with_suffix(".lock"), "w") as lock:
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        cached = path.is_file()
-        if cached:
-            ref = load_file(str(path))["logps"]  # (n, k)
-        else:
-            ref = compute_reference(model, examples, pad_id, autocast, share_prompt)
+    with _file_lock(path.with_suffix(".lock")) if main else nullcontext():
+        cached = distributed.broadcast_object(main and path.is_file())
+        ref = torch.zeros(len(examples), len(examples[0].seqs))  # (n, k)
+        if cached and main:
+            ref = load_file(str(path))["logps"]
+        elif not cached:  # every world-th row here; zero elsewhere, so the sum below gathers the rows exactly
+            mine = list(range(distributed.rank(), len(examples), distributed.world_size()))
+            if mine:
+                ref[mine] = compute_reference(model, [examples[i] for i in mine], pad_id, autocast, share_prompt)
+        ref = distributed.all_reduce_sum(ref, device)  # (n, k) on every process
+        if main and not cached:
             tmp = path.with_suffix(f".tmp-{os.getpid()}")
             save_file({"logps": ref.contiguous()}, str(tmp))
             tmp.rename(path)
     for ex, row in zip(examples, ref.tolist()):
         ex.ref = row
-    print(f"[align] reference log-probs for {len(examples)} {what} rows: "
-          f"{'loaded from' if cached else 'computed and saved to'} {path}", flush=True)
+    if main:
+        print(f"[align] reference log-probs for {len(examples)} {what} rows: "
+              f"{'loaded from' if cached else 'computed and saved to'} {path}", flush=True)
     return cached
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` while the block runs (no lock where fcntl is missing)."""
+    with open(path, "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 # ----------------------------------------------------------------------------- loss
@@ -532,6 +567,18 @@ def _kto_metrics(metrics: dict[str, float], logps: torch.Tensor, ref: torch.Tens
         if key in metrics:
             out[key] = metrics[key] * n
     return out
+
+
+def _global_kl(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """KTO's z0 is a mean over the mismatched pairs of the whole micro-batch: under data parallelism
+    their summed log-ratios and count are summed over the processes and handed to the loss as one
+    pair holding the global mean (TRL gathers them across ranks too). (A process that holds only a
+    zero-weight placeholder, see align/trainer.py, adds its one pair.)"""
+    if distributed.world_size() == 1:
+        return kl_logps, ref_kl_logps
+    diff = kl_logps - ref_kl_logps.to(kl_logps.dtype)  # (n,)
+    total = distributed.all_reduce_sum(torch.stack([diff.sum(), diff.new_tensor(float(diff.numel()))]), diff.device)
+    return (total[0] / total[1]).view(1), diff.new_zeros(1)  # (1,), (1,)
 
 
 def preference_loss(model: torch.nn.Module, batch: dict[str, Any], algo: Any, reference: str,
@@ -553,8 +600,9 @@ def preference_loss(model: torch.nn.Module, batch: dict[str, Any], algo: Any, re
     if kto:
         with torch.no_grad():
             kl_logps, _ = sequence_logps(model, batch["kl_chunks"])  # (n,) z0 is detached in the loss
+        kl, ref_kl = _global_kl(kl_logps, ref[1])
         loss, metrics = algo.loss(policy_logps=logps, ref_logps=ref[0], labels=batch["labels"],
-                                  kl_logps=kl_logps, ref_kl_logps=ref[1])
+                                  kl_logps=kl, ref_kl_logps=ref_kl)
         return loss * n, _kto_metrics(metrics, logps, ref[0], batch["labels"], n)
     pc, pr = logps[:n], logps[n:]  # (n,) chosen, rejected
     lc, lr = lengths[:n].float(), lengths[n:].float()  # (n,)
@@ -592,33 +640,36 @@ def run(cfg: PreferenceConfig, model=None, tokenizer=None,
     kto = cfg.algorithm.name == "kto"
     needs_ref = getattr(algo, "needs_reference", False)
     set_threads(cfg.train.num_threads)
+    device = distributed.init_from_env(cfg.train.device)  # joins torchrun's processes, if any
+    world, main = distributed.world_size(), distributed.is_main()
     torch.manual_seed(cfg.train.seed)
     run_dir = Path(cfg.train.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer or load_tokenizer(cfg.model)
     rows, eval_rows = _read_data(cfg)
-    block = cfg.train.batch_size
+    block = cfg.train.batch_size * world  # KTO's mismatched pairs stay within the combined batch
     train, stats = encode_examples(rows, cfg.data, tokenizer, kto, block, cfg.data.path)
     evals = encode_examples(eval_rows, cfg.data, tokenizer, kto, block, "eval split")[0] if eval_rows else []
     passed_in = model is not None
     if model is None:
-        model = load_causal_lm(cfg.model, quantization_config(cfg.peft, cfg.model))
+        model = load_causal_lm(cfg.model, quantization_config(cfg.peft, cfg.model), device=cfg.train.device)
+    model = place_model(model, device)  # before the reference copy and the precomputed log-probs
     ref_model, cached = None, False
     if needs_ref and cfg.algorithm.reference == "model":
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # the initial weights, frozen
     model_key = model_fingerprint(model, cfg.model.name, cfg.model.dtype, cfg.train.autocast) if needs_ref else ""
-    micro = -(-len(train) // cfg.train.batch_size)
-    total = cfg.train.max_steps or cfg.train.epochs * max(1, micro // cfg.train.grad_accum)
+    total = plan_steps(len(train), cfg.train, world)[1]
     tok_path = resolve_model(cfg.model.name) if cfg.peft.prompt_init_text and not passed_in else None
-    model = apply_tuning(model, cfg.peft, total_steps=total, tokenizer_path=tok_path)
+    model = place_model(apply_tuning(model, cfg.peft, total_steps=total, tokenizer_path=tok_path), device)
     if needs_ref and cfg.algorithm.reference == "adapter" and not is_peft(model):
         raise ConfigError(f"algorithm.reference=adapter needs a peft adapter, but peft.method={cfg.peft.method}; "
                           "use algorithm.reference=precompute or model")
     n_train, n_all = count_parameters(model)
-    print(f"[align] preference ({cfg.algorithm.name}), peft.method={cfg.peft.method}: {n_train:,} trainable / "
-          f"{n_all:,} parameters; {len(train)} train rows, {len(evals)} eval rows, {stats['truncated']} truncated, "
-          f"{stats['skipped']} skipped", flush=True)
-    save_config(cfg, run_dir / "config.yaml")
+    if main:
+        print(f"[align] preference ({cfg.algorithm.name}), peft.method={cfg.peft.method}: {n_train:,} trainable / "
+              f"{n_all:,} parameters; {len(train)} train rows, {len(evals)} eval rows, {stats['truncated']} "
+              f"truncated, {stats['skipped']} skipped; {world} process(es) on {device}", flush=True)
+        save_config(cfg, run_dir / "config.yaml")
     share = cfg.algorithm.share_prompt and not kto and can_share_prompt(model)
     if needs_ref and cfg.algorithm.reference == "precompute":  # before resume: the initial model
         cache, pad = Path(cfg.algorithm.reference_cache or run_dir), tokenizer.pad_token_id
@@ -628,15 +679,17 @@ def run(cfg: PreferenceConfig, model=None, tokenizer=None,
     loss_fn = functools.partial(preference_loss, algo=algo, reference=cfg.algorithm.reference, ref_model=ref_model)
     trainer = Trainer(model, train, collate_fn, loss_fn, cfg.train, cfg.log, run_dir, to_dict(cfg), eval_examples=evals,
                       after_backward=after_backward_hook(model, cfg.peft), callbacks=callbacks, desc=cfg.algorithm.name)
-    if cfg.train.resume and trainer.resume():
+    if cfg.train.resume and trainer.resume() and main:
         print(f"[align] resumed from step {trainer.step}", flush=True)
     result = trainer.train()
-    if cfg.log.plot:
-        from align.tracking import plot_metrics
+    if main:
+        if cfg.log.plot:
+            from align.tracking import plot_metrics
 
-        plot_metrics(run_dir / "metrics.jsonl", run_dir / "plots",
-                     {"rewards_accuracy": ["rewards/accuracy", "eval/rewards/accuracy"],
-                      "rewards_margins": ["rewards/margins", "eval/rewards/margins"],
-                      "logps": ["logps/chosen", "logps/rejected"]})
-    save_final(model, tokenizer, run_dir / "final", merged=cfg.train.save_merged)
+            plot_metrics(run_dir / "metrics.jsonl", run_dir / "plots",
+                         {"rewards_accuracy": ["rewards/accuracy", "eval/rewards/accuracy"],
+                          "rewards_margins": ["rewards/margins", "eval/rewards/margins"],
+                          "logps": ["logps/chosen", "logps/rejected"]})
+        save_final(model, tokenizer, run_dir / "final", merged=cfg.train.save_merged)
+    distributed.barrier()  # final/ is complete when run() returns on any process
     return PreferenceRun(model, tokenizer, result, run_dir, cached)

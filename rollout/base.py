@@ -75,7 +75,8 @@ class RolloutEngine(Protocol):
         ...
 
     def sleep(self) -> None:
-        """Free accelerator memory between rollouts where the backend can; a no-op otherwise."""
+        """Free accelerator memory between rollouts where the backend can; a no-op otherwise.
+        `generate` and the updates work on a sleeping engine (they wake it where they need to)."""
         ...
 
     def wake(self) -> None:

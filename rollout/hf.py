@@ -4,6 +4,8 @@ The engine holds its own plain copy of the base model. LoRA updates are merged i
 (W0 + s * B @ A, computed from the original W0 kept aside, so updates never accumulate), so
 generation pays no adapter cost: the "merged inference copy" of DESIGN.md. Logprobs follow the
 convention of `rollout.base`: log_softmax(raw logits / T) at the sampled token, before top-k/top-p.
+The device comes from `align.device.worker_device`; on a GPU, `sleep` parks the copy in host
+memory while a colocated learner trains, and the next `generate` / `update_*` brings it back.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from align.device import HOST, empty_cache, worker_device
 from align.types import Sample
 from rollout.base import SamplingParams, check_columns, truncate_at_stop
 from rollout.lora import LoraDelta, merged_weight, parse_lora
@@ -49,9 +52,11 @@ class HFEngine:
 
     def __init__(self, model: str | Path | Any, tokenizer: Any = None,
                  dtype: str | torch.dtype = "auto", num_threads: int | None = None,
-                 device: str | torch.device | None = None, max_batch_size: int = 64) -> None:
+                 device: str | torch.device = "auto", max_batch_size: int = 64) -> None:
         """`model`: a checkpoint directory or a plain (not peft-wrapped) causal LM, which is copied;
         `num_threads`: torch intra-op threads for this process (set deliberately: ENVIRONMENT.md);
+        `device`: what `align.device.worker_device` takes (a torch.device, or one of
+        `align.device.DEVICES`; "auto" = this process's GPU if it has one, else the host);
         `max_batch_size`: most sequences (prompts x n) per `generate` call."""
         if num_threads is not None:
             torch.set_num_threads(num_threads)
@@ -68,8 +73,9 @@ class HFEngine:
             model = copy.deepcopy(model)  # merging LoRA must never touch the learner's weights
             if dtype != "auto":
                 model = model.to(_dtype(dtype))
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = worker_device(device)
         self.model = model.to(self.device).eval().requires_grad_(False)
+        self._asleep = False
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         eos = self.model.generation_config.eos_token_id
@@ -92,10 +98,11 @@ class HFEngine:
                  columns: list[dict[str, Any]] | None = None) -> list[Sample]:
         """`sampling.n` samples per prompt, prompt-major (see `RolloutEngine.generate`)."""
         columns = check_columns(prompts, columns)
+        self.wake()
         prompt_ids = [self.tokenizer(p)["input_ids"] for p in prompts]
         rows = [i for i in range(len(prompts)) for _ in range(sampling.n)]
         samples = []
-        devices = [self.device] if self.device.type == "cuda" else []
+        devices = [self.device] if self.device != HOST else []  # a GPU's generator too
         with torch.random.fork_rng(devices=devices):  # a seed must not reset the caller's RNG
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
@@ -131,13 +138,13 @@ class HFEngine:
                                                                          sampling.stop, P)])
         out = self.model.generate(input_ids=input_ids.to(self.device),
                                   attention_mask=attention_mask.to(self.device), **kw)
-        gen = out.sequences[:, P:].cpu()  # (B, C)
+        gen = out.sequences[:, P:].to(HOST)  # (B, C)
         lps = None
         if sampling.logprobs:
             logits = torch.stack(out.logits, dim=1).float()  # (B, C, V) raw, before any warper
             temp = sampling.temperature if not sampling.greedy else 1.0
             lps = torch.log_softmax(logits / temp, dim=-1)  # (B, C, V)
-            lps = lps.gather(-1, gen.to(lps.device).unsqueeze(-1)).squeeze(-1).cpu()  # (B, C)
+            lps = lps.gather(-1, gen.to(lps.device).unsqueeze(-1)).squeeze(-1).to(HOST)  # (B, C)
         return [(gen[b].tolist(), None if lps is None else lps[b].tolist())
                 for b in range(gen.shape[0])]
 
@@ -179,6 +186,7 @@ class HFEngine:
     @torch.no_grad()
     def update_weights(self, state_dict: dict[str, Tensor]) -> None:
         """Copy full or partial base weights in (HF names); a merged LoRA stays on top of them."""
+        self.wake()
         unknown = [k for k in state_dict if k not in self._params]
         if unknown:
             raise KeyError(f"update_weights: {len(unknown)} names are not parameters of the "
@@ -195,6 +203,7 @@ class HFEngine:
         """Merge this adapter into the inference copy, replacing any adapter merged before (empty
         `lora_tensors` = back to the base model)."""
         deltas = parse_lora(lora_tensors, peft_config)
+        self.wake()
         for d in deltas:
             name = d.module + ".weight"
             if name not in self._params:
@@ -212,7 +221,23 @@ class HFEngine:
             self._params[name].copy_(merged_weight(base, d) if d is not None else base)
 
     def sleep(self) -> None:
-        """No accelerator memory to give back between rollouts: a no-op."""
+        """On a GPU: move the inference copy (and the kept W0 of adapted layers) to host memory
+        and return the freed memory to the driver, for a colocated learner. A no-op on the CPU."""
+        if self.device != HOST and not self._asleep:
+            self._move(HOST)
+            empty_cache(self.device)
+            self._asleep = True
 
     def wake(self) -> None:
-        """A no-op, as `sleep` is."""
+        """Move what `sleep` parked back onto the engine's device; a no-op when awake."""
+        if self._asleep:
+            self._move(self.device)
+            self._asleep = False
+
+    @torch.no_grad()
+    def _move(self, device: torch.device) -> None:
+        """The model and the kept W0 tensors onto `device`. `Module.to` swaps buffers for new
+        tensors, so the name -> tensor map that weight updates write into is rebuilt."""
+        self.model.to(device)
+        self._base = {k: v.to(device) for k, v in self._base.items()}
+        self._params = dict(self.model.state_dict(keep_vars=True))

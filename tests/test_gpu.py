@@ -8,7 +8,8 @@ import torch
 
 import algorithms
 from align.config import ModelConfig, PeftConfig
-from align.experience import build_experience, token_logprobs
+from align.experience import build_experience
+from align.logprobs import token_logprobs
 from align.tiny import save_tiny_model
 from rollout import SamplingParams
 
@@ -17,11 +18,11 @@ pytestmark = pytest.mark.gpu
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 def test_vllm_lora_sync_on_cuda(tmp_path):
-    from align.workers import PolicyLearner, RolloutWorker
+    from align.learners import PolicyLearner
+    from align.workers import RolloutWorker
 
     model_dir = save_tiny_model(tmp_path / "tiny")
     learner = PolicyLearner(ModelConfig(name=str(model_dir)), PeftConfig(method="lora", r=8), lr=5e-2, total_steps=2)
-    learner.model.cuda()
     worker = RolloutWorker("vllm", str(model_dir), max_lora_rank=8, max_model_len=256,
                            vllm_kwargs={"gpu_memory_utilization": 0.2})
     samples, _, _ = worker.generate(["What is 2 + 3?"], SamplingParams(n=4, max_new_tokens=6, seed=0))

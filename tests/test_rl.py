@@ -11,10 +11,12 @@ from safetensors.torch import load_file
 import algorithms
 from align import rl
 from align.config import PeftConfig, ModelConfig, load_config
-from align.experience import build_experience, token_logprobs
+from align.experience import build_experience
+from align.logprobs import token_logprobs
 from align.rl_config import RLConfig
 from align.tiny import save_tiny_model
-from align.workers import MetricSums, PolicyLearner, RolloutWorker
+from align.learners import MetricSums, PolicyLearner
+from align.workers import RolloutWorker
 from conftest import rollout_batch
 from rollout import SamplingParams
 
@@ -196,7 +198,8 @@ def test_two_gloo_learners_equal_one_learner_on_the_combined_batch(tmp_path):
     as one learner on the whole batch."""
     from align import actors
     from align.actors import ActorGroup
-    from align.rl import _free_port, _shard
+    from align.learners import init_group
+    from align.rl import _shard
 
     model_dir = save_tiny_model(tmp_path / "tiny")
     exp = rollout_batch(model_dir)
@@ -208,8 +211,7 @@ def test_two_gloo_learners_equal_one_learner_on_the_combined_batch(tmp_path):
     one = ActorGroup(PolicyLearner, 1, *args, **kw)
     two = ActorGroup(PolicyLearner, 2, *args, **kw)
     try:
-        port = _free_port()
-        actors.get(two.run_each("init_distributed", [(0, 2, port), (1, 2, port)]))
+        init_group(two)
         actors.get(one.call(0, "update", exp, algo))
         actors.get([two.call(i, "update", sh, algo) for i, sh in enumerate(_shard(exp, 2))])
         want = actors.get(one.call(0, "trainable_weights"))
@@ -230,8 +232,9 @@ def test_two_gloo_critics_equal_one_critic_on_the_combined_batch(tmp_path):
     predict the same values after a step as one critic trained on the whole batch."""
     from align import actors
     from align.actors import ActorGroup
-    from align.rl import _free_port, _shard
-    from align.workers import CriticLearner
+    from align.learners import init_group
+    from align.rl import _shard
+    from align.learners import CriticLearner
 
     model_dir = save_tiny_model(tmp_path / "tiny")
     exp = rollout_batch(model_dir)
@@ -244,8 +247,7 @@ def test_two_gloo_critics_equal_one_critic_on_the_combined_batch(tmp_path):
     one = ActorGroup(CriticLearner, 1, *args, **kw)
     two = ActorGroup(CriticLearner, 2, *args, **kw)
     try:
-        port = _free_port()
-        actors.get(two.run_each("init_distributed", [(0, 2, port), (1, 2, port)]))
+        init_group(two)
         before = actors.get(one.call(0, "values", exp))
         m1 = actors.get(one.call(0, "update", exp, algo))
         m2 = actors.get([two.call(i, "update", sh, algo) for i, sh in enumerate(_shard(exp, 2))])

