@@ -10,7 +10,7 @@
   reward-to-go G_t = sum_{s >= t} gamma^(s-t) r_s, whitened over the WHOLE batch (no per-prompt
   baseline, no critic), then a token-level PPO clip. baseline=True is REINFORCE++-baseline:
   R <- R - mean of its group first (verl `compute_reinforce_plus_plus_baseline_outcome_advantage`).
-Both share GRPO's loss machinery (core.policy_loss); only the advantage estimator differs.
+Both share GRPO's loss machinery (core.surrogate); only the advantage estimator differs.
 Formulas: /work/shared/ALGORITHMS.md section 9.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from algorithms.core import (Selection, keep_all, KL_ESTIMATORS, LOSS_AGG_MODES, Needs, check_choice, clean_rewards, gae,
-                             group_stats, kl_estimate, masked_sum, masked_whiten, policy_loss, token_rewards)
+                             group_stats, kl_estimate, masked_sum, masked_whiten, surrogate, token_rewards)
 from algorithms.registry import register
 
 __all__ = ["RLOO", "ReinforcePP"]
@@ -49,17 +49,6 @@ def _reward_kl(algo, old_logprobs: Tensor | None, ref_logprobs: Tensor | None) -
     return kl_estimate(old_logprobs, ref_logprobs, algo.kl_estimator)
 
 
-def _loss(algo, logprobs: Tensor, advantages: Tensor, action_mask: Tensor, old_logprobs: Tensor | None,
-          ref_logprobs: Tensor | None, num_tokens, num_seqs) -> tuple[Tensor, dict[str, float]]:
-    """Token-level clipped surrogate, + KL as a loss when kl_mode="loss"."""
-    return policy_loss(
-        logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, action_mask=action_mask,
-        ref_logprobs=ref_logprobs, clip_low=algo.clip_low, clip_high=algo.clip_high, dual_clip=algo.dual_clip,
-        ratio_level="token", loss_agg=algo.loss_agg, loss_scale_factor=algo.loss_scale_factor,
-        kl_coef=algo.kl_coef if algo.kl_mode == "loss" else 0.0, kl_estimator=algo.kl_estimator,
-        num_tokens=num_tokens, num_seqs=num_seqs)
-
-
 class _KLInReward:
     """What RLOO and REINFORCE++ share besides their advantages: validation, needs, selection and the loss."""
 
@@ -71,15 +60,14 @@ class _KLInReward:
         """Old and reference logprobs when there is a KL term (it is in the reward); no critic."""
         return Needs(old_logprobs=self.kl_coef > 0, ref_logprobs=self.kl_coef > 0, values=False)
 
-    def select(self, groups: list, batch_groups: int | None = None, round: int = 1) -> Selection:
+    def select(self, groups: list, batch_groups: int | None = None, round: int = 1, rng=None) -> Selection:
         """Every generated group trains."""
         return keep_all(groups)
 
-    def loss(self, *, logprobs: Tensor, advantages: Tensor, action_mask: Tensor,
-             old_logprobs: Tensor | None = None, ref_logprobs: Tensor | None = None,
-             num_tokens: float | None = None, num_seqs: float | None = None, **_) -> tuple[Tensor, dict[str, float]]:
-        """Token-level clipped surrogate on (B, T) tensors -> (loss, metrics)."""
-        return _loss(self, logprobs, advantages, action_mask, old_logprobs, ref_logprobs, num_tokens, num_seqs)
+    def loss(self, **fields) -> tuple[Tensor, dict[str, float]]:
+        """Token-level clipped surrogate (+ KL as a loss when kl_mode="loss") over the Experience
+        fields (logprobs, advantages, action_mask, ...) -> (loss, metrics)."""
+        return surrogate(self, fields, self.kl_coef if self.kl_mode == "loss" else 0.0)
 
 
 @register("rloo")

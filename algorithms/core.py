@@ -34,7 +34,7 @@ __all__ = [
     "LOSS_AGG_MODES", "KL_ESTIMATORS", "RATIO_LEVELS", "SELECTIONS", "Needs", "Selection",
     "GroupStats", "aggregate", "normalizers", "masked_sum", "masked_mean", "masked_var",
     "masked_whiten", "kl_estimate", "entropy_from_logits", "clean_rewards", "group_stats",
-    "log_ratio", "clipped_policy_loss", "policy_loss", "last_token_index", "token_rewards", "gae",
+    "log_ratio", "clipped_policy_loss", "rollout_weights", "policy_loss", "surrogate", "last_token_index", "token_rewards", "gae",
     "reward_variance", "select_groups", "keep_all", "check_choice",
 ]
 
@@ -44,6 +44,7 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "se
 KL_ESTIMATORS = ("k1", "k2", "k3")  # Schulman's estimators of KL(pi || pi_ref)
 RATIO_LEVELS = ("token", "sequence", "sequence-token")  # PPO/GRPO, GSPO, GSPO-token
 SELECTIONS = ("none", "dynamic", "duplicate")  # GRPO identity, DAPO refill, DUPO duplicate-fill
+CORRECTIONS = ("off", "token-truncate", "token-mask", "sequence-truncate", "sequence-mask")  # rollout_weights
 
 _LOG_RATIO_CLAMP = 20.0  # |log rho| cap before exp (verl and OpenRLHF): ratios past e^20 are noise
 _K3_OUT_CLAMP = 10.0  # verl clamps the k3 value to +-10 (kl_penalty_forward, "low_var_kl")
@@ -275,21 +276,59 @@ def clipped_policy_loss(log_rho: Tensor, advantages: Tensor, mask: Tensor, clip_
     return loss, metrics
 
 
-def policy_loss(*, logprobs: Tensor, old_logprobs: Tensor | None, advantages: Tensor, action_mask: Tensor,
-                ref_logprobs: Tensor | None, clip_low: float, clip_high: float, dual_clip: float | None,
+def rollout_weights(old_logprobs: Tensor, engine_logprobs: Tensor, mask: Tensor, mode: str,
+                    cap: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Importance weights (B, T) that correct for the rollout engine's numerics differing from the
+    learner's: w = pi_old / mu, with pi_old the learner's behaviour log-probs and mu the engine's
+    (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training";
+    TRL `vllm_importance_sampling_correction`, verl `rollout_correction`). Detached.
+
+    token-truncate (TIS):  w_t = min(pi_old_t / mu_t, cap)
+    token-mask (MIS):      w_t = pi_old_t / mu_t where it is <= cap, else 0 (the token is dropped)
+    sequence-truncate:     w_i = min(prod_t pi_old_t / mu_t, cap), the same for every token of row i
+    sequence-mask:         w_i = prod_t pi_old_t / mu_t where it is <= cap, else 0 (the row is dropped)
+    Also returns the mismatch metrics: mean |log pi_old - log mu| and KL(mu || pi_old) (k3, from
+    the engine's own samples).
+    """
+    check_choice("rollout_correction", mode, CORRECTIONS)
+    with torch.no_grad():
+        zero = torch.zeros((), dtype=old_logprobs.dtype, device=old_logprobs.device)
+        diff = torch.where(mask, old_logprobs.detach() - engine_logprobs, zero)  # (B, T) log(pi_old / mu)
+        metrics = {"rollout/logprob_diff_abs": masked_mean(diff.abs(), mask),
+                   "rollout/kl_engine_learner": masked_mean(kl_estimate(engine_logprobs, old_logprobs.detach(), "k3"), mask)}
+        if mode == "off":
+            return torch.ones_like(diff), metrics
+        level, how = mode.split("-")
+        log_w = diff if level == "token" else diff.sum(-1, keepdim=True).expand_as(diff)  # (B, T)
+        w = log_w.clamp(max=_LOG_RATIO_CLAMP).exp()  # (B, T)
+        over = w > cap
+        w = w.clamp(max=cap) if how == "truncate" else torch.where(over, torch.zeros_like(w), w)
+        metrics["rollout/is_weight_mean"] = masked_mean(w, mask)
+        metrics["rollout/is_capped_frac"] = masked_mean(over.float(), mask)
+    return w, metrics
+
+
+def policy_loss(*, logprobs: Tensor, advantages: Tensor, action_mask: Tensor, clip_low: float, clip_high: float, dual_clip: float | None,
                 ratio_level: str, loss_agg: str, loss_scale_factor: float | None, kl_coef: float,
-                kl_estimator: str, num_tokens: float | None = None,
-                num_seqs: float | None = None) -> tuple[Tensor, dict[str, float]]:
+                kl_estimator: str, old_logprobs: Tensor | None = None, ref_logprobs: Tensor | None = None,
+                num_tokens: float | None = None, num_seqs: float | None = None, engine_logprobs: Tensor | None = None, rollout_correction: str = "off",
+                correction_cap: float = 2.0) -> tuple[Tensor, dict[str, float]]:
     """Clipped policy gradient plus kl_coef * KL(pi || pi_ref) as a loss, both reduced by `loss_agg`.
 
     verl aggregates the KL term separately with the same mode; TRL adds it per token first: the two
     are equal because `aggregate` is linear. `old_logprobs=None` means on-policy (ratio exactly 1).
     With `kl_coef == 0` a given `ref_logprobs` is still measured (metric `kl`) but adds no gradient.
+    With the engine's `engine_logprobs`, the engine/learner mismatch is measured and the policy
+    term's tokens are weighted by `rollout_weights(..., rollout_correction, correction_cap)`.
     """
     mask = _bool(action_mask)  # (B, T)
     old = logprobs.detach() if old_logprobs is None else old_logprobs  # (B, T)
     lr = log_ratio(logprobs, old, mask, ratio_level)  # (B, T)
     per_token, m = clipped_policy_loss(lr, advantages, mask, clip_low, clip_high, dual_clip)  # (B, T)
+    if engine_logprobs is not None:
+        w, wm = rollout_weights(old, engine_logprobs, mask, rollout_correction, correction_cap)  # (B, T)
+        per_token = per_token * w
+        m.update(wm)
     agg = dict(mode=loss_agg, loss_scale_factor=loss_scale_factor, num_tokens=num_tokens, num_seqs=num_seqs)
     pg = aggregate(per_token, mask, **agg)
     loss = pg
@@ -307,6 +346,19 @@ def policy_loss(*, logprobs: Tensor, old_logprobs: Tensor | None, advantages: Te
             loss = loss + kl_coef * aggregate(kl, mask, **agg)
     metrics["loss"] = float(loss.detach())
     return loss, metrics
+
+
+def surrogate(algo, fields: dict, kl_coef: float, ratio_level: str = "token") -> tuple[Tensor, dict[str, float]]:
+    """`policy_loss` with `algo`'s clip and aggregation hyper-parameters over the Experience
+    `fields` (logprobs, advantages, action_mask, old / ref / engine logprobs, counts, the run's
+    rollout correction): the one place every algorithm's policy term is computed."""
+    keys = ("old_logprobs", "ref_logprobs", "num_tokens", "num_seqs", "engine_logprobs", "rollout_correction",
+            "correction_cap")
+    return policy_loss(
+        logprobs=fields["logprobs"], advantages=fields["advantages"], action_mask=fields["action_mask"],
+        clip_low=algo.clip_low, clip_high=algo.clip_high, dual_clip=algo.dual_clip, ratio_level=ratio_level,
+        loss_agg=algo.loss_agg, loss_scale_factor=algo.loss_scale_factor, kl_coef=kl_coef,
+        kl_estimator=algo.kl_estimator, **{k: fields[k] for k in keys if fields.get(k) is not None})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -379,23 +431,31 @@ def _renumber(groups: list[list[Sample]]) -> list[list[Sample]]:
             for k, g in enumerate(groups)]
 
 
-def _select_dynamic(groups: list[list[Sample]], batch_groups: int, round: int,
-                    max_gen_rounds: int) -> Selection:
+def _select_dynamic(groups: list[list[Sample]], batch_groups: int, round: int, max_gen_rounds: int,
+                    strict: bool) -> Selection:
     """DAPO dynamic sampling (2503.14476; verl `recipe/dapo`). `groups` = every group generated in
-    this step so far (the driver appends each round's groups): keep the informative ones in order,
-    truncate the surplus, and ask for the missing number; past `max_gen_rounds` (> 0), raise."""
+    this step so far (the driver appends each round's groups): keep the informative ones in order
+    and truncate the surplus. While groups are missing, ask for a whole fresh batch (verl generates
+    `gen_batch_size` prompts a round, not the missing count: when most groups are uninformative, the
+    batch fills in few rounds). After `max_gen_rounds` (> 0) the step trains on what it has (or on
+    the last round's groups when none varies, whose advantages are all 0), logs
+    `gen_rounds_exhausted`, and the run goes on; `strict` raises instead."""
     kept = [g for g in groups if _informative(g)]
     dropped = len(groups) - len(kept)
-    need = max(batch_groups - len(kept), 0)
-    if need and 0 < max_gen_rounds <= round:
+    missing = max(batch_groups - len(kept), 0)
+    exhausted = bool(missing) and 0 < max_gen_rounds <= round
+    if exhausted and strict:
         raise RuntimeError(
             f"dynamic sampling: after {round} generation round(s) (max_gen_rounds={max_gen_rounds}) only "
             f"{len(kept)} of the {batch_groups} groups needed have rewards that differ ({dropped} of "
             f"{len(groups)} groups had zero reward variance). Raise max_gen_rounds (<= 0: unlimited), "
-            "lower the batch size, use selection='duplicate', or check that the reward can vary.")
+            "set strict_gen_rounds=false to train on what there is, or check that the reward can vary.")
     metrics = {"zero_std_frac": dropped / max(len(groups), 1), "kept_groups": float(len(kept)),
-               "gen_rounds": float(round), "surplus_groups": float(max(len(kept) - batch_groups, 0))}
-    return Selection(groups=_renumber(kept[:batch_groups]), need=need, metrics=metrics)
+               "gen_rounds": float(round), "surplus_groups": float(max(len(kept) - batch_groups, 0)),
+               "gen_rounds_exhausted": float(exhausted)}
+    if exhausted:
+        return Selection(groups=_renumber(kept or groups[-batch_groups:]), metrics=metrics)
+    return Selection(groups=_renumber(kept[:batch_groups]), need=batch_groups if missing else 0, metrics=metrics)
 
 
 def _select_duplicate(groups: list[list[Sample]], batch_groups: int, rng: random.Random) -> Selection:
@@ -422,7 +482,7 @@ def keep_all(groups: list[list[Sample]], batch_groups: int | None = None, round:
 
 
 def select_groups(groups: list[list[Sample]], mode: str, batch_groups: int | None = None, round: int = 1,
-                  max_gen_rounds: int = 10, rng: random.Random | None = None) -> Selection:
+                  max_gen_rounds: int = 10, rng: random.Random | None = None, strict: bool = False) -> Selection:
     """Dispatch on the selection mode ("none" | "dynamic" | "duplicate"); `batch_groups` defaults to
     len(groups). "none" returns the groups untouched (plus the zero-variance fraction as a metric)."""
     check_choice("selection", mode, SELECTIONS)
@@ -431,7 +491,7 @@ def select_groups(groups: list[list[Sample]], mode: str, batch_groups: int | Non
     if n <= 0:
         raise ValueError(f"batch_groups must be positive, got {n}")
     if mode == "dynamic":
-        return _select_dynamic(groups, n, round, max_gen_rounds)
+        return _select_dynamic(groups, n, round, max_gen_rounds, strict)
     if mode == "duplicate":
         return _select_duplicate(groups, n, rng if rng is not None else random.Random(0))
     zero = sum(not _informative(g) for g in groups)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from algorithms.core import (LOSS_AGG_MODES, KL_ESTIMATORS, RATIO_LEVELS, SELECTIONS, Needs, Selection,
-                             check_choice, clean_rewards, group_stats, masked_var, policy_loss,
+                             check_choice, clean_rewards, group_stats, masked_var, surrogate,
                              select_groups)
 from algorithms.registry import register
 from align.types import Sample
@@ -80,8 +80,9 @@ class GRPO:
     ratio_level: str = "token"  # token | sequence (GSPO) | sequence-token (GSPO-token)
     dual_clip: float | None = None  # c > 1: cap the loss at -c*A where A < 0 (None = off)
     selection: str = "none"  # none | dynamic (DAPO refill) | duplicate (DUPO fill)
-    max_gen_rounds: int = 10  # dynamic selection: generation rounds per step before an error (<= 0: no cap)
-    seed: int = 0  # seeds the RNG of duplicate selection
+    max_gen_rounds: int = 10  # dynamic selection: generation rounds per step, then train on what there is (<= 0: no cap)
+    strict_gen_rounds: bool = False  # dynamic selection: raise instead when max_gen_rounds leaves the batch short
+    seed: int = 0  # seeds the RNG of duplicate selection when the caller passes none
     _rng: random.Random = field(init=False, repr=False, compare=False)  # duplicate-selection RNG
 
     def __post_init__(self) -> None:
@@ -107,29 +108,24 @@ class GRPO:
         ratio is 1 and its gradient is that of logprobs, as with old = logprobs.detach() (TRL)."""
         return Needs(old_logprobs=False, ref_logprobs=self.kl_coef > 0, values=False)
 
-    def select(self, groups: list[list[Sample]], batch_groups: int | None = None, round: int = 1) -> Selection:
+    def select(self, groups: list[list[Sample]], batch_groups: int | None = None, round: int = 1,
+               rng: random.Random | None = None) -> Selection:
         """Batch selection by `self.selection` (see core.select_groups): `groups` holds every group
-        generated in this step so far, `round` counts the generation rounds (1 = the first)."""
-        return select_groups(groups, self.selection, batch_groups, round, self.max_gen_rounds, self._rng)
+        generated in this step so far, `round` counts the generation rounds (1 = the first); `rng`
+        draws DUPO's duplicates (the RL driver seeds one per step, so a resumed run draws the same)."""
+        return select_groups(groups, self.selection, batch_groups, round, self.max_gen_rounds,
+                             rng if rng is not None else self._rng, self.strict_gen_rounds)
 
     def advantages(self, *, rewards: Tensor, group_ids: Tensor, scored: Tensor | None = None, **_) -> Tensor:
         """Group-baselined advantages (B,), broadcast over tokens by `loss`."""
         return group_advantages(rewards, group_ids, scored, self.scale_rewards, self.std_eps)
 
-    def loss(self, *, logprobs: Tensor, advantages: Tensor, action_mask: Tensor,
-             old_logprobs: Tensor | None = None, ref_logprobs: Tensor | None = None,
-             num_tokens: float | None = None, num_seqs: float | None = None, **_) -> tuple[Tensor, dict[str, float]]:
-        """Clipped surrogate (+ kl_coef * KL) over (B, T) logprobs; advantages (B,) or (B, T).
-
-        num_tokens / num_seqs: the whole minibatch's counts when this is one micro-batch (core docs).
-        Returns (scalar loss, metrics: loss, pg_loss, kl, clip_frac_low/high, ratio_mean, ...).
-        """
-        return policy_loss(
-            logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, action_mask=action_mask,
-            ref_logprobs=ref_logprobs, clip_low=self.clip_low, clip_high=self.clip_high,
-            dual_clip=self.dual_clip, ratio_level=self.ratio_level, loss_agg=self.loss_agg,
-            loss_scale_factor=self.loss_scale_factor, kl_coef=self.kl_coef, kl_estimator=self.kl_estimator,
-            num_tokens=num_tokens, num_seqs=num_seqs)
+    def loss(self, **fields) -> tuple[Tensor, dict[str, float]]:
+        """Clipped surrogate (+ kl_coef * KL) over the Experience fields: logprobs (B, T), advantages
+        (B,) or (B, T), action_mask, and optionally old / ref / engine logprobs and `num_tokens` /
+        `num_seqs` (the whole minibatch's counts when this is one micro-batch: core docs).
+        Returns (scalar loss, metrics: loss, pg_loss, kl, clip_frac_low/high, ratio_mean, ...)."""
+        return surrogate(self, fields, self.kl_coef, self.ratio_level)
 
 
 @register("dapo")

@@ -35,7 +35,8 @@ class OnlinePairs:
         return Needs(old_logprobs=False, ref_logprobs=bool(getattr(self.inner, "needs_reference", False)),
                      values=False)
 
-    def select(self, groups: list[list[Sample]], batch_groups: int | None = None, round: int = 1) -> Selection:
+    def select(self, groups: list[list[Sample]], batch_groups: int | None = None, round: int = 1,
+               rng: Any = None) -> Selection:
         """[best, worst] of every group whose scored rewards differ; the rest cannot form a pair."""
         pairs = []
         for g in groups:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from algorithms.core import (Selection, keep_all, KL_ESTIMATORS, LOSS_AGG_MODES, Needs, aggregate, check_choice, clean_rewards,
-                             gae, kl_estimate, masked_mean, masked_var, masked_whiten, policy_loss, token_rewards)
+                             gae, kl_estimate, masked_mean, masked_var, masked_whiten, surrogate, token_rewards)
 from algorithms.registry import register
 
 __all__ = ["PPO", "PPOAdvantages", "gae"]
@@ -38,6 +38,7 @@ class PPOAdvantages(NamedTuple):
     advantages: Tensor  # (B, T) GAE advantages, whitened when whiten_advantages; 0 off the mask
     returns: Tensor  # (B, T) value targets A + V, taken before whitening; 0 off the mask
     metrics: dict[str, float]  # kl_in_reward (observed, batch mean of per-sequence means), kl_coef
+    updates: dict[str, float]  # hyper-parameters for the next step (the adaptive controller's kl_coef)
 
 
 @register("ppo")
@@ -53,7 +54,7 @@ class PPO:
     kl_coef: float = 0.05  # beta (TRL PPO 0.05; OpenRLHF 0.01; verl 0.001); the controller moves it
     kl_mode: str = "reward"  # reward: -beta*KL per token in the reward | loss: beta*KL as a loss term
     kl_estimator: str = "k1"  # k1 in the reward (InstructGPT, verl, OpenRLHF); k3 suits kl_mode="loss"
-    adaptive_kl: bool = False  # Ziegler's proportional controller on beta (update_kl)
+    adaptive_kl: bool = False  # Ziegler's proportional controller on beta (next_kl_coef)
     target_kl: float = 0.1  # controller target (verl default)
     kl_horizon: float = 10000.0  # controller horizon in samples (verl default)
     gamma: float = 1.0  # discount (verl, OpenRLHF, TRL all use 1)
@@ -77,19 +78,18 @@ class PPO:
         kl = self.kl_coef > 0 or self.adaptive_kl
         return Needs(old_logprobs=kl and self.kl_mode == "reward", ref_logprobs=kl, values=True)
 
-    def select(self, groups: list, batch_groups: int | None = None, round: int = 1) -> Selection:
+    def select(self, groups: list, batch_groups: int | None = None, round: int = 1, rng=None) -> Selection:
         """Every generated group trains."""
         return keep_all(groups)
 
-    def update_kl(self, observed_kl: float, n_steps: int) -> float:
-        """Ziegler's adaptive controller: beta *= 1 + clip(KL/target - 1, +-0.2) * n_steps / horizon.
-
-        A no-op when adaptive_kl is False. n_steps = samples in the batch. Returns the new beta.
-        """
-        if self.adaptive_kl:
-            error = min(max(observed_kl / self.target_kl - 1.0, -0.2), 0.2)
-            self.kl_coef *= 1.0 + error * n_steps / self.kl_horizon
-        return self.kl_coef
+    def next_kl_coef(self, observed_kl: float, n_steps: int) -> float:
+        """Ziegler's adaptive controller: beta * (1 + clip(KL/target - 1, +-0.2) * n_steps / horizon);
+        beta unchanged when adaptive_kl is False. n_steps = samples in the batch. Changes nothing:
+        the caller applies it (the RL driver, from `PPOAdvantages.updates`, and checkpoints it)."""
+        if not self.adaptive_kl:
+            return self.kl_coef
+        error = min(max(observed_kl / self.target_kl - 1.0, -0.2), 0.2)
+        return self.kl_coef * (1.0 + error * n_steps / self.kl_horizon)
 
     def advantages(self, *, rewards: Tensor, values: Tensor, action_mask: Tensor,
                    old_logprobs: Tensor | None = None, ref_logprobs: Tensor | None = None,
@@ -97,8 +97,8 @@ class PPO:
         """Token rewards (score on the last token, -beta*KL in reward mode) -> GAE -> whitening.
 
         rewards (B,) scores; values (B, T) at rollout time; old / ref logprobs (B, T) for the KL.
-        As verl's `apply_kl_penalty`, the penalty uses the current beta and then, when adaptive,
-        the controller is updated with the observed KL (so the driver needs no PPO-specific call).
+        As verl's `apply_kl_penalty`, the penalty uses the current beta; the controller's next beta
+        (from the observed KL) comes back in `updates` for the caller to apply: no side effect here.
         Unscored rows get A = 0 and returns = values (no value-loss signal).
         """
         mask = action_mask != 0  # (B, T)
@@ -118,22 +118,15 @@ class PPO:
             adv = masked_whiten(adv, keep)
         adv = torch.where(keep, adv, torch.zeros_like(adv))
         ret = torch.where(keep, ret, torch.where(mask, values, torch.zeros_like(values)))
-        if kl is not None:
-            metrics["kl_coef_next"] = self.update_kl(metrics["kl_in_reward"], int(mask.shape[0]))
-        return PPOAdvantages(advantages=adv, returns=ret, metrics=metrics)
+        updates = {}
+        if kl is not None and self.adaptive_kl:
+            updates["kl_coef"] = self.next_kl_coef(metrics["kl_in_reward"], int(mask.shape[0]))
+            metrics["kl_coef_next"] = updates["kl_coef"]
+        return PPOAdvantages(advantages=adv, returns=ret, metrics=metrics, updates=updates)
 
-    def policy_loss(self, *, logprobs: Tensor, advantages: Tensor, action_mask: Tensor,
-                    old_logprobs: Tensor | None = None, ref_logprobs: Tensor | None = None,
-                    num_tokens: float | None = None, num_seqs: float | None = None,
-                    **_) -> tuple[Tensor, dict[str, float]]:
-        """PPO-clipped surrogate on (B, T) tensors (+ beta*KL when kl_mode="loss") -> (loss, metrics)."""
-        return policy_loss(
-            logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, action_mask=action_mask,
-            ref_logprobs=ref_logprobs, clip_low=self.clip_low, clip_high=self.clip_high,
-            dual_clip=self.dual_clip, ratio_level="token", loss_agg=self.loss_agg,
-            loss_scale_factor=self.loss_scale_factor,
-            kl_coef=self.kl_coef if self.kl_mode == "loss" else 0.0, kl_estimator=self.kl_estimator,
-            num_tokens=num_tokens, num_seqs=num_seqs)
+    def policy_loss(self, **fields) -> tuple[Tensor, dict[str, float]]:
+        """PPO-clipped surrogate over the Experience fields (+ beta*KL when kl_mode="loss") -> (loss, metrics)."""
+        return surrogate(self, fields, self.kl_coef if self.kl_mode == "loss" else 0.0)
 
     def value_loss(self, *, new_values: Tensor, values: Tensor, returns: Tensor, action_mask: Tensor,
                    num_tokens: float | None = None, num_seqs: float | None = None,

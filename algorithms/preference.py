@@ -8,7 +8,9 @@ take the number of completion tokens, `chosen_lengths` / `rejected_lengths` (B,)
 
 The pairwise losses (DPO, ORPO, SimPO) share one keyword signature, so one call site serves the
 family; each ignores the inputs it does not use (its docstring says which). KTO is unpaired: it
-takes one completion per row with a desirable/undesirable label.
+takes one completion per row with a desirable/undesirable label. Each class says which it is in
+`pairwise`, and `preference_names()` reads the registry for them: the one list of preference
+algorithms that the offline stage and online pairs in `align rl` accept.
 
 Formulas and their sources: /work/shared/ALGORITHMS.md sections 6-9; TRL <= 0.28 `DPOTrainer.dpo_loss`,
 `ORPOTrainer.odds_ratio_loss`, `CPOTrainer.cpo_loss`, `KTOTrainer.kto_loss`, `RewardTrainer.compute_loss`.
@@ -24,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from algorithms.registry import register
+from algorithms.registry import get_class, names, register
 
-__all__ = ["DPO", "ORPO", "SimPO", "KTO", "bradley_terry_loss", "log1mexp"]
+__all__ = ["DPO", "ORPO", "SimPO", "KTO", "bradley_terry_loss", "log1mexp", "preference_names"]
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")  # the `loss_type` values DPO accepts
 
@@ -127,6 +129,7 @@ class DPO:
     reference_free: bool = False  # True: lp_ref = 0, no reference model needed
     ipo_length_normalize: bool = True  # IPO on per-token mean log-probs (TRL); False = sums (OpenRLHF)
     rpo_alpha: float = 0.0  # weight of the chosen NLL added to the loss (0 = off)
+    pairwise: ClassVar[bool] = True  # takes (chosen, rejected) pairs
 
     def __post_init__(self) -> None:
         if self.loss_type not in DPO_LOSS_TYPES:
@@ -212,6 +215,7 @@ class ORPO:
 
     beta: float = 0.1  # lambda, the weight of the odds-ratio term (TRL default 0.1, paper 0.1)
     needs_reference: ClassVar[bool] = False  # reference-free by design
+    pairwise: ClassVar[bool] = True  # takes (chosen, rejected) pairs
 
     def __post_init__(self) -> None:
         if self.beta < 0:
@@ -269,6 +273,7 @@ class SimPO:
     gamma: float = 1.0  # target reward margin (TRL: simpo_gamma), not the gamma/beta ratio
     label_smoothing: float = 0.0  # eps, as in cDPO; the paper uses 0
     needs_reference: ClassVar[bool] = False  # reference-free by design
+    pairwise: ClassVar[bool] = True  # takes (chosen, rejected) pairs
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
@@ -322,6 +327,7 @@ class KTO:
     desirable_weight: float = 1.0  # lambda_D
     undesirable_weight: float = 1.0  # lambda_U
     needs_reference: ClassVar[bool] = True  # r is measured against the reference model
+    pairwise: ClassVar[bool] = False  # takes single completions with a label
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
@@ -366,6 +372,19 @@ class KTO:
         if desirable.any() and (~desirable).any():
             metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
         return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# Which registered algorithms are preference losses
+# --------------------------------------------------------------------------------------------------
+
+
+def preference_names(pairwise: bool | None = None) -> list[str]:
+    """Registered names of the losses over summed sequence log-probs, sorted (pairwise=True: pair losses only)."""
+    # A class says what it is in `pairwise`; RL losses have no such attribute. Reading the registry
+    # (not a list of strings) means a newly registered preference loss is accepted everywhere at once.
+    kinds = (True, False) if pairwise is None else (pairwise,)
+    return [n for n in names() if getattr(get_class(n), "pairwise", None) in kinds]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from align.config import redact
+
 MARKER = "COMPLETE"
 # Sections / fields that do not change what training computes, so a resume may change them.
 _NOT_FINGERPRINTED = {"log", "train.resume", "train.output_dir", "train.eval_every", "train.save_every",
@@ -31,7 +33,8 @@ class ResumeError(RuntimeError):
 
 
 def fingerprint(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The config fields that shape training, flattened to dotted keys."""
+    """The config fields that shape training, flattened to dotted keys, secrets redacted (a rotated
+    API key neither reaches fingerprint.json nor blocks a resume)."""
     flat: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -41,7 +44,7 @@ def fingerprint(cfg: dict[str, Any]) -> dict[str, Any]:
         elif prefix not in _NOT_FINGERPRINTED and prefix.split(".")[0] not in _NOT_FINGERPRINTED:
             flat[prefix] = node
 
-    walk(cfg, "")
+    walk(redact(cfg), "")
     return flat
 
 

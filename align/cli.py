@@ -106,11 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     from align.models import ModelNotFoundError
     from align.checkpoint import ResumeError
 
+    import algorithms
+    import rewards
     from align import distributed
 
     try:
         STAGES[argv[0]](argv[1:])
-    except (ConfigError, DataError, ModelNotFoundError, ResumeError) as exc:
+    except (ConfigError, DataError, ModelNotFoundError, ResumeError, algorithms.AlgorithmConfigError,
+            rewards.RewardConfigError) as exc:
         print(f"align {argv[0]}: error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -2,11 +2,17 @@
 
 Validation happens at load time: an unknown key names the closest valid one, a wrong type or value
 names the field and what it accepts. The same dataclasses are the Python API.
+
+Secrets (a reward's HTTP headers, API keys, tokens) never reach a file: everything that writes a
+config (config.yaml, the checkpoint fingerprint, the wandb config) passes it through `redact`.
+A secret can stay out of the config altogether as `"${env:NAME}"`, which the reward registry reads
+from the environment when it builds the function; such a reference is kept, it holds no secret.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -246,5 +252,44 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML, secrets redacted."""
+    Path(path).write_text(yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- secrets
+REDACTED = "<redacted>"  # what a secret's value becomes in every file a run writes
+_SECRET_NAMES = {"headers", "authorization", "auth", "api_key", "apikey", "token", "access_token", "secret",
+                 "password", "passwd", "cookie", "cookies", "credentials"}
+_SECRET_SUFFIXES = ("_key", "_token", "_secret", "_password", "_apikey")
+# "${env:NAME}", optionally after an auth scheme ("Bearer ${env:NAME}"): a reference, not a secret.
+# The same syntax as rewards.registry.ENV_REF (not imported: config loading stays light).
+_ENV_ONLY = re.compile(r"\s*(?:[A-Za-z]+\s+)?\$\{env:[A-Za-z_][A-Za-z0-9_]*\}\s*")
+
+
+def is_secret_key(key: Any) -> bool:
+    """Whether a config key names a secret (case-insensitive; '-' counts as '_', as in 'X-API-Key')."""
+    k = str(key).lower().replace("-", "_")
+    return k in _SECRET_NAMES or k.endswith(_SECRET_SUFFIXES)
+
+
+def redact(config: Any) -> Any:
+    """A copy of a config dict whose secret-looking keys (`is_secret_key`) hold `REDACTED` at every
+    leaf; other values, None and `${env:NAME}` references are kept. The input is not changed."""
+
+    def hide(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: hide(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [hide(v) for v in value]
+        if value is None or (isinstance(value, str) and _ENV_ONLY.fullmatch(value)):
+            return value
+        return REDACTED
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: hide(v) if is_secret_key(k) else walk(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [walk(v) for v in value]
+        return value
+
+    return walk(config)

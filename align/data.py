@@ -1,8 +1,9 @@
 """Reading rows from files or `datasets`, and turning SFT rows into token ids and loss masks.
 
 Bad input stops with a message that names the file and line (malformed JSONL), the row and the
-missing fields, or says the data set is empty. Over-long examples are truncated or skipped as
-configured, and counted.
+missing fields, or says the data set is empty. Every row read is a `Row` that remembers its file and
+line (JSONL) or row number, so that an error found after shuffling and splitting still names it.
+Over-long examples are truncated or skipped as configured, and counted.
 """
 from __future__ import annotations
 
@@ -21,25 +22,45 @@ class DataError(ValueError):
     """Input data that cannot be used; the message says where and why."""
 
 
+class Row(dict):
+    """A data row (a plain dict to every reader) that knows where it came from."""
+
+    __slots__ = ("origin",)
+
+    def __init__(self, data: dict[str, Any], origin: str) -> None:
+        super().__init__(data)
+        self.origin = origin  # "data.jsonl:12" (file and line) or "data.parquet row 3" (1-based)
+
+
+def row_origin(row: dict, index: int, source: str) -> str:
+    """Where `row` came from for an error message: its `Row.origin`, else `source row <index + 1>`."""
+    return getattr(row, "origin", None) or f"{source} row {index + 1}"
+
+
+def missing_fields(row: dict, fields: tuple[str, ...] | list[str]) -> list[str]:
+    """The `fields` that `row` lacks or holds empty (null, "" or []): nothing to train on."""
+    return [f for f in fields if row.get(f) is None or (isinstance(row.get(f), (str, list)) and not row.get(f))]
+
+
 def read_rows(path: str, split: str = "train", max_examples: int | None = None) -> list[dict[str, Any]]:
     """Rows of a JSONL / JSON / Parquet file, or of a locally cached `datasets` name."""
     p = Path(path).expanduser()
     if not path:
         raise DataError("data.path is empty: give a JSONL / JSON / Parquet file or a datasets name")
     if p.suffix in (".jsonl", ".gz") or p.name.endswith(".jsonl.gz"):
-        rows = _read_jsonl(p)
+        rows = _read_jsonl(p)  # Rows with their line numbers
     elif p.suffix == ".json":
-        rows = _read_json(p)
+        rows = [Row(r, f"{p} row {i}") for i, r in enumerate(_read_json(p), 1)]
     elif p.suffix == ".parquet":
         if not p.is_file():
             raise DataError(f"data file not found: {p}")
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(p).to_pylist()
+        rows = [Row(r, f"{p} row {i}") for i, r in enumerate(pq.read_table(p).to_pylist(), 1)]
     elif p.exists():
         raise DataError(f"{p}: unsupported data file type (use .jsonl, .json or .parquet)")
     else:
-        rows = _read_datasets(path, split)
+        rows = [Row(r, f"{path} ({split}) row {i}") for i, r in enumerate(_read_datasets(path, split), 1)]
     if max_examples is not None:
         rows = rows[:max_examples]
     if not rows:
@@ -47,7 +68,7 @@ def read_rows(path: str, split: str = "train", max_examples: int | None = None) 
     return rows
 
 
-def _read_jsonl(p: Path) -> list[dict[str, Any]]:
+def _read_jsonl(p: Path) -> list[Row]:
     """Parse JSONL line by line, so that a bad line is reported by its number."""
     import gzip
 
@@ -65,7 +86,7 @@ def _read_jsonl(p: Path) -> list[dict[str, Any]]:
                 raise DataError(f"{p}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{p}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+            rows.append(Row(row, f"{p}:{lineno}"))
     return rows
 
 
@@ -134,7 +155,7 @@ def _as_messages(value: Any) -> list[dict[str, str]] | None:
 def _segments(row: dict, cfg: DataConfig, tokenizer, where: str) -> list[tuple[list[int], bool]]:
     """The row as (token ids, trains?) segments, in order."""
     use_chat = cfg.template == "chat" or (cfg.template == "auto" and tokenizer.chat_template)
-    if cfg.messages_field in row:
+    if row.get(cfg.messages_field) is not None:  # Parquet / datasets rows hold absent columns as None
         messages = _as_messages(row[cfg.messages_field])
         if messages is None:
             raise DataError(f"{where}: field '{cfg.messages_field}' must be a list of {{role, content}} messages")
@@ -153,10 +174,12 @@ def _segments(row: dict, cfg: DataConfig, tokenizer, where: str) -> list[tuple[l
         if not segs:
             raise DataError(f"{where}: the conversation has no assistant message to train on")
         return segs
-    missing = [f for f in (cfg.prompt_field, cfg.completion_field) if f not in row]
+    missing = missing_fields(row, (cfg.prompt_field, cfg.completion_field))
     if missing:
-        raise DataError(f"{where}: missing field(s) {missing}; SFT rows need '{cfg.messages_field}' or "
-                        f"'{cfg.prompt_field}' + '{cfg.completion_field}' (have: {sorted(row)})")
+        raise DataError(f"{where}: missing or empty field(s) {missing}; SFT rows look like "
+                        f"{{'{cfg.messages_field}': [{{'role': ..., 'content': ...}}, ...]}} or "
+                        f"{{'{cfg.prompt_field}': ..., '{cfg.completion_field}': ...}} (this row has: "
+                        f"{sorted(row)}; data.messages_field / prompt_field / completion_field name the columns)")
     prompt, completion = row[cfg.prompt_field], row[cfg.completion_field]
     if use_chat:
         p_msgs = _as_messages(prompt) or [{"role": "user", "content": str(prompt)}]
@@ -175,7 +198,7 @@ def encode_sft(rows: list[dict], cfg: DataConfig, tokenizer, source: str = "data
     stats, out = EncodeStats(), []
     for i, row in enumerate(rows):
         stats.total += 1
-        segs = _segments(row, cfg, tokenizer, f"{source} row {i}")
+        segs = _segments(row, cfg, tokenizer, row_origin(row, i, source))
         ids = [t for s, _ in segs for t in s]
         mask = [int(train or not cfg.completion_only_loss) for s, train in segs for _ in s]
         if len(ids) > cfg.max_length:

@@ -28,9 +28,14 @@ def build_experience(samples: Sequence[Sample], pad_id: int) -> Experience:
         ids[i, P:P + c] = torch.tensor(s.completion_ids, dtype=torch.long)
         attn[i, P - p:P + c] = 1
         act[i, P:P + c] = 1
+    engine = None
+    if all(s.logprobs is not None for s in samples):  # kept for the mismatch metric and rollout correction
+        engine = torch.zeros((B, P + C))
+        for i, s in enumerate(samples):
+            engine[i, P:P + len(s.logprobs)] = torch.tensor(s.logprobs, dtype=torch.float)
     rewards = torch.tensor([0.0 if s.reward is None else float(s.reward) for s in samples])
     return Experience(
         input_ids=ids, attention_mask=attn, action_mask=act, rewards=rewards,
         group_ids=torch.tensor([s.group_id for s in samples], dtype=torch.long),
         scored=torch.tensor([s.reward is not None for s in samples]),
-        truncated=torch.tensor([s.truncated for s in samples]), prompt_len=P)
+        truncated=torch.tensor([s.truncated for s in samples]), engine_logprobs=engine, prompt_len=P)

@@ -67,6 +67,16 @@ def group_order(group_ids: torch.Tensor, generator: torch.Generator) -> torch.Te
     return torch.cat([(group_ids == g).nonzero().flatten() for g in perm])
 
 
+def group_minibatches(order: torch.Tensor, group_ids: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """`order` (rows, groups contiguous) cut into `n` near-equal minibatches at group boundaries:
+    a group, e.g. an online (chosen, rejected) pair, is never split between optimizer steps."""
+    gids = group_ids[order].tolist()
+    starts = [0] + [i for i in range(1, len(gids)) if gids[i] != gids[i - 1]]
+    n = min(n, len(starts))
+    bounds = sorted({starts[round(k * len(starts) / n)] for k in range(n)}) + [len(gids)]
+    return [order[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
 def _place(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """`model` on `device`; a quantised model was placed by its loader's device map already."""
     return model if getattr(model, "hf_quantizer", None) is not None else model.to(device)
@@ -308,7 +318,7 @@ class PolicyLearner(DataParallel):
         self.model.train()
         return to_host(out)
 
-    def backward(self, mini: Experience, loss_fn: Any, sums: MetricSums) -> None:
+    def backward(self, mini: Experience, loss_fn: Any, sums: MetricSums, correction: dict | None = None) -> None:
         """Accumulate the gradient of one minibatch over micro-batches, metrics into `sums`.
 
         The loss is normalised by the whole minibatch's counts (algorithms/core.py), so the summed
@@ -325,23 +335,25 @@ class PolicyLearner(DataParallel):
                 lp, ent = token_logprobs(self.net, mb.input_ids, mb.attention_mask, mb.prompt_len,
                                          self.temperature, with_entropy=True)
             fields = {k: v for k, v in mb.tensors().items() if k not in ("input_ids", "attention_mask")}
-            loss, metrics = loss_fn(logprobs=lp, **fields, **counts)
+            loss, metrics = loss_fn(logprobs=lp, **fields, **counts, **(correction or {}))
             self._backward(loss, boundary=k == len(micro) - 1)
             w = float(mb.action_mask.sum())
             metrics["entropy"] = float((ent * mb.action_mask).sum()) / max(w, 1.0)
             sums.add(metrics, w)
         sums.updates += 1
 
-    def update(self, exp: Experience, algorithm: Any, epochs: int = 1, minibatches: int = 1) -> dict[str, float]:
-        """`epochs` x `minibatches` optimizer steps of `algorithm.loss` over `exp`; token-weighted mean metrics."""
+    def update(self, exp: Experience, algorithm: Any, epochs: int = 1, minibatches: int = 1,
+               correction: dict | None = None) -> dict[str, float]:
+        """`epochs` x `minibatches` optimizer steps of `algorithm.loss` over `exp` (minibatches of
+        whole groups); `correction` = the run's rollout-correction settings, passed to the loss.
+        Returns token-weighted mean metrics."""
         loss_fn = getattr(algorithm, "policy_loss", None) or algorithm.loss
         sums = MetricSums()
         skipped, norms = 0, []
-        size = math.ceil(len(exp) / minibatches)
         for _ in range(epochs):
             order = group_order(exp.group_ids, self.generator)
-            for start in range(0, len(exp), size):
-                self.backward(exp.index(order[start:start + size]), loss_fn, sums)
+            for idx in group_minibatches(order, exp.group_ids, minibatches):
+                self.backward(exp.index(idx), loss_fn, sums, correction)
                 norm, ok = self._step()
                 norms.append(norm)
                 if ok and self.after_step is not None:

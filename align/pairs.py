@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from align.config import DataConfig
-from align.data import DataError, _as_messages
+from align.data import DataError, _as_messages, missing_fields, row_origin
 
 
 @dataclass
@@ -47,11 +47,13 @@ def split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
 def _texts(row: dict, cfg: DataConfig, tokenizer, where: str) -> tuple[str, str, str, bool]:
     """The row's (prompt, chosen, rejected) texts, chat template applied where it applies, and
     whether it was (templated completions already end with the end-of-turn token)."""
-    missing = [f for f in (cfg.chosen_field, cfg.rejected_field) if f not in row]
+    missing = missing_fields(row, (cfg.chosen_field, cfg.rejected_field))
     if missing:
-        raise DataError(f"{where}: missing field(s) {missing}; preference rows need '{cfg.chosen_field}' "
-                        f"and '{cfg.rejected_field}' (and '{cfg.prompt_field}' unless they are whole transcripts)"
-                        f" (have: {sorted(row)})")
+        raise DataError(f"{where}: missing or empty field(s) {missing}; preference rows look like "
+                        f"{{'{cfg.prompt_field}': ..., '{cfg.chosen_field}': ..., '{cfg.rejected_field}': ...}} "
+                        f"(text or chat messages), or whole transcripts {{'{cfg.chosen_field}': ..., "
+                        f"'{cfg.rejected_field}': ...}} that share the prompt (this row has: {sorted(row)}; "
+                        "data.prompt_field / chosen_field / rejected_field name the columns)")
     chosen, rejected = row[cfg.chosen_field], row[cfg.rejected_field]
     prompt = row.get(cfg.prompt_field)
     use_chat = cfg.template == "chat" or (cfg.template == "auto" and bool(tokenizer.chat_template))
@@ -83,7 +85,7 @@ def encode_pairs(rows: list[dict], cfg: DataConfig, tokenizer, source: str = "da
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for i, row in enumerate(rows):
         stats["total"] += 1
-        p, c, r, templated = _texts(row, cfg, tokenizer, f"{source} row {i}")
+        p, c, r, templated = _texts(row, cfg, tokenizer, row_origin(row, i, source))
         p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
         c_ids = tokenizer(c, add_special_tokens=False)["input_ids"]
         r_ids = tokenizer(r, add_special_tokens=False)["input_ids"]

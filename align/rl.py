@@ -22,6 +22,7 @@ import torch
 import algorithms
 import rewards
 from algorithms.online_pairs import OnlinePairs
+from algorithms.preference import preference_names
 from align import actors, checkpoint, placement
 from align.actors import ActorGroup
 from align.config import save_config, to_dict
@@ -38,7 +39,7 @@ from align.workers import ReferenceWorker, RolloutWorker
 # ----------------------------------------------------------------------------- prompts
 def load_prompts(cfg: RLConfig, tokenizer) -> tuple[list[dict], list[dict]]:
     """(train rows, held-out rows), each with `text` (the engine prompt) and its other columns."""
-    from align.data import DataError, read_rows
+    from align.data import DataError, missing_fields, read_rows, row_origin
     from align.tasks import train_and_heldout
 
     d = cfg.data
@@ -52,18 +53,24 @@ def load_prompts(cfg: RLConfig, tokenizer) -> tuple[list[dict], list[dict]]:
     def prepare(rows: list[dict], source: str) -> list[dict]:
         out = []
         for i, row in enumerate(rows):
-            if d.prompt_field not in row:
-                raise DataError(f"{source} row {i}: missing prompt field '{d.prompt_field}' (have: {sorted(row)})")
+            if missing_fields(row, (d.prompt_field,)):
+                raise DataError(f"{row_origin(row, i, source)}: missing or empty prompt field '{d.prompt_field}'; RL rows "
+                                f"look like {{'{d.prompt_field}': text or [{{'role': ..., 'content': ...}}, ...], <columns "
+                                f"for the rewards, e.g. 'answer'>}} (this row has: {sorted(row)}; data.prompt_field names "
+                                "the column)")
             prompt = row[d.prompt_field]
             msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt) + d.prompt_suffix}]
             if isinstance(prompt, list) and d.prompt_suffix:
                 msgs = msgs[:-1] + [{**msgs[-1], "content": msgs[-1]["content"] + d.prompt_suffix}]
             text = (tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) if use_chat
                     else "\n".join(m["content"] for m in msgs))
-            if len(tokenizer(text, add_special_tokens=False)["input_ids"]) > d.max_prompt_length:
+            # tokenised once, here: a chat template's text already holds its special tokens (Llama 3's
+            # BOS), and the engines' default tokenisation would add a second one
+            ids = tokenizer(text, add_special_tokens=not use_chat)["input_ids"]
+            if len(ids) > d.max_prompt_length:
                 continue
-            out.append({"text": text, "columns": {k: v for k, v in row.items()
-                                                  if k not in (d.prompt_field, "completion")}})
+            out.append({"text": text, "ids": ids, "columns": {k: v for k, v in row.items()
+                                                              if k not in (d.prompt_field, "completion")}})
         if rows and not out:
             raise DataError(f"{source}: every prompt is longer than data.max_prompt_length={d.max_prompt_length}")
         return out
@@ -107,9 +114,12 @@ class RLRun:
         self.train_rows, self.heldout = load_prompts(cfg, self.tokenizer)
         self.stream = PromptStream(self.train_rows, cfg.train.seed)
         self.algo = algorithms.get(cfg.algorithm.name, **cfg.algorithm.params)
-        if not hasattr(self.algo, "advantages"):  # a pairwise preference loss: online pairs from groups
-            if not hasattr(self.algo, "needs_reference") or cfg.algorithm.name == "kto":
-                raise ValueError(f"algorithm {cfg.algorithm.name!r} cannot run online; use dpo, orpo or simpo")
+        for f in cfg.reward.functions:  # a typo in a reward's name or kwargs stops here, before Ray and the models start
+            rewards.check(f.name, **f.kwargs)
+        if cfg.algorithm.name in preference_names():  # a loss over summed sequence logprobs: online pairs
+            online = preference_names(pairwise=True)
+            if cfg.algorithm.name not in online:
+                raise ValueError(f"algorithm {cfg.algorithm.name!r} cannot run online; use {', '.join(online)}")
             if cfg.algorithm.micro_batch_size % 2:
                 raise ValueError("online preference pairs need an even algorithm.micro_batch_size")
             self.algo = OnlinePairs(self.algo)
@@ -126,6 +136,7 @@ class RLRun:
         path = model if model is not None else resolve_model(cfg.model.name)
         self.merged_sync = merged_lora_sync(r, path, self.use_gpus)
         self.sleep_engines = self.use_gpus and res.colocate and res.sleep_engines
+        self.correction = {"rollout_correction": rollout_correction(cfg, path), "correction_cap": cfg.algorithm.correction_cap}
         self.engines = ActorGroup(RolloutWorker, r.num_engines, r.backend, path, self.tokenizer if model is not None else None,
                                   enable_lora=not self.merged_sync,
                                   dtype=r.dtype, num_threads=r.num_threads, seed=cfg.train.seed,
@@ -140,7 +151,7 @@ class RLRun:
         common = dict(max_grad_norm=t.max_grad_norm, micro_batch_size=cfg.algorithm.micro_batch_size, seed=t.seed,
                       num_threads=t.num_threads, debug=debug, env_threads=t.num_threads or 2, amp=t.autocast,
                       zero_stage=t.zero_stage, zero_offload=t.zero_offload, device=res.device)
-        self.learner = ActorGroup(PolicyLearner, n_learners, cfg.model, cfg.peft, t.lr, t.steps,
+        self.learner = ActorGroup(PolicyLearner, n_learners, cfg.model, cfg.peft, t.lr, t.max_steps,
                                   weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, temperature=r.temperature,
                                   model=model, placement=self._slots("learner"), **common)
         self.reference = None
@@ -155,7 +166,7 @@ class RLRun:
             critic_model = dataclasses.replace(cfg.model, name=c.model or cfg.model.name)
             critic_peft = dataclasses.replace(cfg.peft, method=c.method or cfg.peft.method)
             # as many critics as policy learners, data-parallel in their own process group
-            self.critic = ActorGroup(CriticLearner, n_learners, critic_model, critic_peft, c.lr, t.steps,
+            self.critic = ActorGroup(CriticLearner, n_learners, critic_model, critic_peft, c.lr, t.max_steps,
                                      model=critic_init, placement=self._slots("critic"), **common)
         for group in (self.learner, self.critic):  # one process group each: the same averaged step
             if group is not None and (len(group) > 1 or t.zero_stage):
@@ -192,9 +203,10 @@ class RLRun:
                 k += 1
                 fn = rewards.get(f.name, **f.kwargs, actor_options=placement.scheduling(self.placement, slot),
                                  device=self.cfg.resources.device)
-                specs.append(rewards.RewardSpec(name, fn, weight=f.weight, on_error=f.on_error))
+                specs.append(rewards.RewardSpec(name, fn, weight=f.weight, on_error=f.on_error, timeout=f.timeout))
             else:
-                specs.append(rewards.RewardSpec(name, f.name, weight=f.weight, on_error=f.on_error, kwargs=f.kwargs))
+                specs.append(rewards.RewardSpec(name, f.name, weight=f.weight, on_error=f.on_error, kwargs=f.kwargs,
+                                                timeout=f.timeout))
         return specs
 
     # -------------------------------------------------------------------- generate + score
@@ -210,15 +222,16 @@ class RLRun:
             if part:
                 # rows i, i+n, ... go to engine i; group ids are assigned after, in row order
                 refs.append(self.engines.call(i, "generate", [p["text"] for p in part], per_engine[i], 0,
-                                              [p["columns"] for p in part]))
+                                              [p["columns"] for p in part], [p["ids"] for p in part]))
                 offsets.append(i)
-        results = actors.get(refs)
+        results = self._engine_get(refs)
         for j, (i, (_, _, version)) in enumerate(zip(offsets, results)):
             if version != self.version:  # the worker died and Ray restarted it: re-sync, re-ask
                 self.restarts += 1
-                actors.get(self.engines.call(i, "update", self._payload()))
-                results[j] = actors.get(self.engines.call(i, "generate", [p["text"] for p in parts[i]],
-                                                          per_engine[i], 0, [p["columns"] for p in parts[i]]))
+                self._engine_get(self.engines.call(i, "update", self._payload()))
+                results[j] = self._engine_get(self.engines.call(i, "generate", [p["text"] for p in parts[i]],
+                                                          per_engine[i], 0, [p["columns"] for p in parts[i]],
+                                                          [p["ids"] for p in parts[i]]))
         by_row: list[list[Sample]] = [[] for _ in rows]
         for i, (samples, _, _) in zip(offsets, results):
             k = sampling.n
@@ -230,6 +243,15 @@ class RLRun:
                 s.group_id = group_offset + r
                 out.append(s)
         return out, max(t for _, t, _ in results)
+
+    def _engine_get(self, refs: Any) -> Any:
+        """`actors.get` for rollout-worker calls: a worker that died past its restarts is named as such."""
+        try:
+            return actors.get(refs)
+        except _actor_errors() as exc:
+            raise RolloutWorkerDied(
+                f"a rollout worker died and used up its train.max_actor_restarts={self.cfg.train.max_actor_restarts} "
+                f"restarts (step {self.step_no + 1}): {str(exc).splitlines()[0][:300]}") from None
 
     def _payload(self) -> dict[str, Any]:
         """The learner's weights for the engines, stamped with the current version (every learner
@@ -256,6 +278,7 @@ class RLRun:
         t0, times, m = time.perf_counter(), {"generate": 0.0, "reward": 0.0}, {}
         cfg, groups, round_, sel = self.cfg, [], 1, None
         need, generated = cfg.rollout.prompts_per_step, []
+        rng = random.Random(cfg.train.seed * 1_000_003 + self.step_no)  # DUPO's draws: the same after a resume
         while need > 0:
             # a fresh seed per step and round (train.seed fixes the whole run): engines restore their
             # RNG after a seeded call, so an unseeded one would draw the same noise every step
@@ -267,10 +290,10 @@ class RLRun:
             times["reward"] += time.perf_counter() - t
             generated += samples
             groups += _groups(samples)
-            sel = self.algo.select(groups, batch_groups=cfg.rollout.prompts_per_step, round=round_)
+            sel = self.algo.select(groups, batch_groups=cfg.rollout.prompts_per_step, round=round_, rng=rng)
             need, round_ = sel.need, round_ + 1
         if self.sleep_engines:  # colocated on GPUs: the learners get the engines' memory while they train
-            actors.get(self.engines.run("sleep"))
+            self._engine_get(self.engines.run("sleep"))
         batch = [s for g in sel.groups for s in g]
         exp = build_experience(batch, self.tokenizer.pad_token_id)
         t = time.perf_counter()
@@ -290,15 +313,15 @@ class RLRun:
         adv = self.algo.advantages(**exp.tensors())
         if isinstance(adv, torch.Tensor):
             exp.advantages = adv
-        else:  # PPO: GAE advantages, value targets and KL-controller metrics
+        else:  # PPO: GAE advantages, value targets, KL-controller metrics and its next beta
             exp.advantages, exp.returns = adv.advantages, adv.returns
             m.update(adv.metrics)
         times["logprob"] = time.perf_counter() - t
         t = time.perf_counter()
         shards = _shard(exp, len(self.learner))
         # every learner updates on its shard (gradients averaged); rank 0's metrics are reported
-        updates = [self.learner.call(i, "update", sh, self.algo, cfg.algorithm.epochs, cfg.algorithm.minibatches)
-                   for i, sh in enumerate(shards)]
+        updates = [self.learner.call(i, "update", sh, self.algo, cfg.algorithm.epochs, cfg.algorithm.minibatches,
+                                     self.correction) for i, sh in enumerate(shards)]
         if self.critic is not None:  # policy and critic are separate actors: they update concurrently
             updates += [self.critic.call(i, "update", sh, self.algo, cfg.algorithm.epochs, cfg.algorithm.minibatches)
                         for i, sh in enumerate(shards)]
@@ -306,10 +329,12 @@ class RLRun:
         m.update(results[0])
         if self.critic is not None:  # rank 0 of the critics
             m.update(results[len(shards)])
+        if not isinstance(adv, torch.Tensor) and adv.updates:  # e.g. PPO's adaptive KL: from the next step on
+            self.algo = dataclasses.replace(self.algo, **adv.updates)
         times["update"] = time.perf_counter() - t
         t = time.perf_counter()
         self.version += 1
-        actors.get(self.engines.run("update", self._payload()))
+        self._engine_get(self.engines.run("update", self._payload()))
         times["sync"] = time.perf_counter() - t
         m["engine_restarts"] = self.restarts
         self.nonfinite += int(m.get("skipped_updates", 0))
@@ -343,7 +368,8 @@ class RLRun:
         (atomic, see align.checkpoint). Weights are the same on every rank: rank 0's are kept."""
         weights = actors.get(self.learner.run("trainable_weights"))[0]
         extra = {"step": self.step_no, "learner": actors.get(self.learner.run("state")),
-                 "stream": [self.stream.epoch, self.stream.pos], "rng": checkpoint.rng_state()}
+                 "stream": [self.stream.epoch, self.stream.pos], "rng": checkpoint.rng_state(),
+                 "algorithm": _hyperparameters(self.algo)}  # what the run changed, e.g. PPO's adaptive beta
         if self.critic is not None:
             critic = actors.get(self.critic.run("trainable_weights"))[0]
             weights.update({_CRITIC + k: v for k, v in critic.items()})
@@ -368,6 +394,8 @@ class RLRun:
             self.stream._order = list(range(len(self.stream.rows)))
             random.Random(self.stream.seed * 1000 + self.stream.epoch).shuffle(self.stream._order)
         checkpoint.set_rng_state(extra["rng"])
+        if extra["algorithm"]:
+            self.algo = dataclasses.replace(self.algo, **extra["algorithm"])
         self.step_no = extra["step"]
         self.version += 1
         actors.get(self.engines.run("update", self._payload()))
@@ -386,6 +414,32 @@ class RLRun:
 
 
 _CRITIC = "critic/"  # prefix of the critic's weights in a checkpoint
+
+
+class RolloutWorkerDied(RuntimeError):
+    """A rollout worker died more often than Ray may restart it."""
+
+
+def rollout_correction(cfg: RLConfig, model: Any) -> str:
+    """The run's rollout-correction mode: `algorithm.rollout_correction`, where "auto" means TIS
+    (token-truncate) when the engine's numerics differ from the learner's (vLLM kernels, an engine
+    in another dtype, a QLoRA learner whose engine serves the dequantised base), else off."""
+    mode = cfg.algorithm.rollout_correction
+    if mode != "auto":
+        return mode
+    from rollout import resolve_backend
+
+    differs = (resolve_backend(cfg.rollout.backend, model) == "vllm" or cfg.rollout.dtype != cfg.model.dtype
+               or cfg.peft.method == "qlora")
+    return "token-truncate" if differs else "off"
+
+
+def _hyperparameters(algo: Any) -> dict[str, Any]:
+    """The algorithm's scalar hyper-parameters (a checkpoint restores any the run changed)."""
+    if not dataclasses.is_dataclass(algo):
+        return {}
+    return {f.name: getattr(algo, f.name) for f in dataclasses.fields(algo)
+            if f.init and type(getattr(algo, f.name)) in (int, float, bool, str)}
 
 
 def _rm_actor(f) -> bool:
@@ -428,8 +482,9 @@ def _actor_errors() -> tuple[type[BaseException], ...]:
 def _sampling(r, n: int, temperature: float, seed: int):
     from rollout import SamplingParams
 
+    # training rollouts keep the engine's logprobs (mismatch metric, rollout correction); greedy evals do not
     return SamplingParams(n=n, temperature=temperature, top_p=r.top_p, top_k=r.top_k,
-                          max_new_tokens=r.max_new_tokens, stop=list(r.stop), seed=seed, logprobs=False)
+                          max_new_tokens=r.max_new_tokens, stop=list(r.stop), seed=seed, logprobs=temperature > 0)
 
 
 def _groups(samples: list[Sample]) -> list[list[Sample]]:
@@ -471,10 +526,10 @@ def run(cfg: RLConfig, model: Any = None, tokenizer: Any = None) -> dict[str, An
         if cfg.train.resume and rl.resume(run_dir):
             print(f"[align] resumed from step {rl.step_no}", flush=True)
         before = rl.evaluate() if cfg.train.eval_before and rl.step_no == 0 else {}
-        tracker = Tracker(run_dir, cfg.log, cfg.train.steps, rl.step_no, to_dict(cfg), desc="rl")
+        tracker = Tracker(run_dir, cfg.log, cfg.train.max_steps, rl.step_no, to_dict(cfg), desc="rl")
         if before:
             tracker.log(rl.step_no, before)
-        while rl.step_no < cfg.train.steps:
+        while rl.step_no < cfg.train.max_steps:
             try:
                 metrics = rl.step()  # rollout -> reward -> select -> experience -> update -> sync
             except _actor_errors() as exc:  # rollout workers restart; a learner does not
@@ -483,11 +538,14 @@ def run(cfg: RLConfig, model: Any = None, tokenizer: Any = None) -> dict[str, An
                     f"a learner actor died during step {rl.step_no + 1} ({type(exc).__name__}); "
                     f"newest checkpoint: {last or 'none'}. Run the same command with train.resume=true "
                     "to continue from it") from None
-            if cfg.train.eval_every and rl.step_no % cfg.train.eval_every == 0 and rl.step_no < cfg.train.steps:
+            if cfg.train.eval_every and rl.step_no % cfg.train.eval_every == 0 and rl.step_no < cfg.train.max_steps:
                 metrics.update(rl.evaluate())
+            # metrics first, then the checkpoint: a kill in between resumes from the previous
+            # checkpoint, whose resume drops the lines written after it (Tracker), so no step's
+            # line is ever lost or written twice
+            tracker.log(rl.step_no, metrics, advance=1, show=("reward", "accuracy", "time/step"))
             if cfg.train.save_every and rl.step_no % cfg.train.save_every == 0:
                 rl.save(run_dir)
-            tracker.log(rl.step_no, metrics, advance=1, show=("reward", "accuracy", "time/step"))
             history.append(metrics)
         after = rl.evaluate()
         tracker.log(rl.step_no, after)

@@ -68,6 +68,12 @@ class AlgorithmConfig:
     epochs: int = 1  # passes over each rollout batch (> 1: off-policy ratios)
     minibatches: int = 1  # optimizer steps per pass (> 1: off-policy ratios)
     micro_batch_size: int = 8  # sequences per forward/backward (gradient accumulation inside a minibatch)
+    # Importance weights for the engine's numerics differing from the learner's (algorithms/core.py
+    # rollout_weights): TIS (token-truncate), MIS (token-mask) or their sequence-level forms; "auto"
+    # = token-truncate where they differ (vLLM, an engine in another dtype, QLoRA), else off
+    rollout_correction: Literal["auto", "off", "token-truncate", "token-mask", "sequence-truncate",
+                                "sequence-mask"] = "auto"
+    correction_cap: float = 2.0  # the cap C of those weights (TRL and verl default 2)
 
 
 @dataclass
@@ -78,6 +84,7 @@ class RewardFnConfig:
     weight: float = 1.0  # weight in the combined reward
     kwargs: dict[str, Any] = field(default_factory=dict)  # constructor arguments
     on_error: Literal["raise", "none"] = "raise"  # a raising function fails the run, or scores None
+    timeout: float | None = 300.0  # seconds one call (a whole batch) may take; past it the batch scores None or fails the run, as on_error says (null: no deadline)
 
 
 @dataclass
@@ -103,7 +110,7 @@ class RLTrainConfig:
 
     output_dir: str = "runs/rl"  # the run directory
     seed: int = 0  # seeds prompt order, sampling and initialisation
-    steps: int = 20  # training steps (rollout + update)
+    max_steps: int = 20  # training steps (rollout + update); the same name as the supervised stages' train.max_steps
     lr: float = 2e-4  # learning rate (constant after warm-up)
     warmup_steps: int = 0  # linear warm-up steps
     weight_decay: float = 0.0  # AdamW weight decay

@@ -41,7 +41,7 @@ from typing import Any, Callable, Literal
 
 import yaml
 
-from align.config import ConfigError, _set_dotted, from_dict, save_config, to_dict
+from align.config import ConfigError, _set_dotted, from_dict, redact, save_config, to_dict
 
 SAMPLERS = ("grid", "uniform", "loguniform", "choice")  # the keys a search entry may use
 
@@ -221,7 +221,7 @@ def _trainable(values: dict[str, Any], stage: str, base: dict[str, Any], sweep_d
     run_dir = Path(sweep_dir) / "runs" / name
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "attempts.jsonl", "a") as fh:  # one line per start: shows what a resume re-ran
-        fh.write(json.dumps({"trial_id": ctx.get_trial_id(), "values": values}) + "\n")
+        fh.write(json.dumps({"trial_id": ctx.get_trial_id(), "values": redact(values)}) + "\n")
     cfg = trial_config(stage, base, values)
     cfg.train.output_dir, cfg.train.resume, cfg.log.progress = str(run_dir), True, False
     cfg.train.num_threads = cfg.train.num_threads or cpus
@@ -348,7 +348,7 @@ def run_sweep(path_or_cfg: str | Path | SweepConfig | dict, overrides: list[str]
         raise ConfigError(f"{exp} holds a sweep already; set resume=true to continue it, or use a new output_dir")
     if restoring and saved.is_file():
         before = yaml.safe_load(saved.read_text())
-        if before.get("search") != to_dict(cfg)["search"] or before.get("stage") != cfg.stage:
+        if before.get("search") != redact(to_dict(cfg))["search"] or before.get("stage") != cfg.stage:
             raise ConfigError(f"{sweep_dir} holds a sweep with another stage or search space; Tune would resume "
                               "that one. Use a new output_dir (or delete the old one)")
     sweep_dir.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 """Metrics sinks: `metrics.jsonl` in the run directory, a progress bar, wandb, and PNG plots.
 
 wandb runs offline unless the user asks otherwise (no network here, and no key is ever written to
-the run directory: the API key is read from the environment by wandb itself).
+the run directory: the API key is read from the environment by wandb itself, and the run's config
+reaches wandb redacted, as config.yaml is).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from align.config import LogConfig
+from align.config import LogConfig, redact
 
 
 def _plain(v: Any) -> Any:
@@ -52,7 +53,7 @@ class Tracker:
             import wandb
 
             self._wandb = wandb.init(project=cfg.project, name=cfg.run_name or self.run_dir.name,
-                                     dir=str(self.run_dir), config=config, resume="allow",
+                                     dir=str(self.run_dir), config=redact(config or {}), resume="allow",
                                      id=self._wandb_id())
         self._t0 = time.time()
 

@@ -52,6 +52,7 @@ class Experience:
     group_ids: Tensor  # (B,) long: samples of one prompt share an id
     scored: Tensor | None = None  # (B,) bool: False where every reward function returned None
     old_logprobs: Tensor | None = None  # (B, T) behaviour-policy logprobs (learner recomputed)
+    engine_logprobs: Tensor | None = None  # (B, T) the rollout engine's logprobs of the sampled tokens
     ref_logprobs: Tensor | None = None  # (B, T) reference-policy logprobs
     values: Tensor | None = None  # (B, T) critic values
     advantages: Tensor | None = None  # (B, T) or (B,) broadcast

@@ -44,11 +44,14 @@ class RolloutWorker(Placed):
         self.version = 0  # weights version last loaded; 0 = the initial checkpoint (also after a restart)
 
     def generate(self, prompts: list[str], sampling: Any, group_offset: int = 0,
-                 columns: list[dict] | None = None) -> tuple[list[Sample], float, int]:
-        """Samples for `prompts`, the seconds generation took, and the weights version that made them
-        (a restarted worker reports 0, so the driver re-syncs it and asks again)."""
+                 columns: list[dict] | None = None,
+                 prompt_ids: list[list[int]] | None = None) -> tuple[list[Sample], float, int]:
+        """Samples for `prompts` (given as token ids too where the caller tokenised them), the
+        seconds generation took, and the weights version that made them (a restarted worker
+        reports 0, so the driver re-syncs it and asks again)."""
         t0 = time.perf_counter()
-        out = self.engine.generate(prompts, sampling, group_offset=group_offset, columns=columns)
+        out = self.engine.generate(prompts, sampling, group_offset=group_offset, columns=columns,
+                                   prompt_ids=prompt_ids)
         return out, time.perf_counter() - t0, self.version
 
     def update(self, payload: dict[str, Any]) -> float:

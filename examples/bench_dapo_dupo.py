@@ -28,7 +28,7 @@ def main() -> None:
     rows = []
     for algo in ("dapo", "dupo"):
         out_dir = Path(tempfile.mkdtemp(prefix=f"bench-{algo}-"))
-        cfg = load_config(RLConfig, PRESET, [f"algorithm.name={algo}", f"train.steps={a.steps}",
+        cfg = load_config(RLConfig, PRESET, [f"algorithm.name={algo}", f"train.max_steps={a.steps}",
                                              f"train.output_dir={out_dir}", "train.eval_before=false",
                                              "log.progress=false", "algorithm.params={}",
                                              *a.overrides])

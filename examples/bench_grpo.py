@@ -65,7 +65,7 @@ def run_align(a, backend: str, out: Path) -> dict:
         f"train.autocast={'bfloat16' if bf16 else 'none'}", "peft.method=lora", "peft.r=16", "peft.alpha=32",
         "peft.dropout=0", "rollout.prompts_per_step=8", "rollout.n=4", "rollout.temperature=0.7",
         f"rollout.max_new_tokens={a.max_new_tokens}", "algorithm.name=grpo", "algorithm.micro_batch_size=16",
-        "reward.functions=[{name: math_accuracy}]", "train.lr=2e-4", f"train.steps={a.steps}",
+        "reward.functions=[{name: math_accuracy}]", "train.lr=2e-4", f"train.max_steps={a.steps}",
         f"train.num_threads={a.threads}", f"rollout.num_threads={a.threads}", f"data.train_size={TRAIN_SIZE}",
         "data.eval_size=0", "train.eval_before=false", "train.save_final=false", f"train.output_dir={out}",
         "log.progress=false", "log.plot=false"])

@@ -1,7 +1,7 @@
 """The main job: reasoning RL with a verifiable reward on the embedded default model.
 
     make main                                   # from a fresh clone: sets up .venv, then runs this
-    .venv/bin/python examples/main.py train.steps=20 algorithm.name=dupo
+    .venv/bin/python examples/main.py train.max_steps=20 algorithm.name=dupo
 
 GRPO with LoRA on SmolLM2-135M-Instruct, on arithmetic word problems that the project generates
 with their answers (a held-out set is never trained on); math-verify accuracy plus a small format

@@ -80,7 +80,7 @@ def main() -> None:
 
     # 3. PPO with a critic against the reward model; accuracy logged with weight 0.
     ppo_cfg = load_config(RLConfig, None, [
-        f"model.name={policy_dir}", f"train.output_dir={out / 'ppo'}", f"train.steps={2 if q else 16}",
+        f"model.name={policy_dir}", f"train.output_dir={out / 'ppo'}", f"train.max_steps={2 if q else 16}",
         "algorithm.name=ppo", "algorithm.params={kl_coef: 0.05, adaptive_kl: true, lam: 0.95}",
         "algorithm.micro_batch_size=16", "rollout.prompts_per_step=8", "rollout.n=2", "rollout.max_new_tokens=32",
         "rollout.temperature=0.8", "rollout.dtype=bfloat16", "train.lr=1e-4", "critic.lr=2e-4",

@@ -26,6 +26,7 @@ def _tags_pattern(tags: Sequence[str]) -> re.Pattern:
     return re.compile(r"\s*" + r"\s*".join(parts) + r"\s*", re.DOTALL)
 
 
+@register("format")  # the class is the factory: its arguments are checked by name
 class FormatReward:
     """`reward` when every configured check passes, else `penalty`.
 
@@ -73,14 +74,3 @@ class FormatReward:
                  **columns: list[Any]) -> list[float | None]:
         """`reward` or `penalty` per completion; columns are ignored."""
         return [self.reward if self.check(c) else self.penalty for c in completions]
-
-
-@register("format")
-def format_reward(pattern: str | None = None, **kwargs: Any) -> FormatReward:
-    """Factory for `FormatReward` (same arguments).
-
-    Example:
-        >>> rewards.get("format", tags=("answer",))([""], ["<answer>4</answer>"])  # doctest: +SKIP
-        [1.0]
-    """
-    return FormatReward(pattern, **kwargs)

@@ -51,6 +51,7 @@ def normalize_gold(gold: Any) -> str | None:
     return text
 
 
+@register("math_accuracy")  # the class is the factory: its arguments are checked by name
 class MathAccuracy:
     """The `math_accuracy` reward function (built by `rewards.get("math_accuracy", ...)`).
 
@@ -165,13 +166,3 @@ class MathAccuracy:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
-
-
-@register("math_accuracy")
-def math_accuracy(**kwargs: Any) -> MathAccuracy:
-    """Factory for `MathAccuracy` (keyword arguments as its constructor).
-
-    Example:
-        >>> acc = rewards.get("math_accuracy", gold_column="solution", timeout=5.0)  # doctest: +SKIP
-    """
-    return MathAccuracy(**kwargs)

@@ -5,14 +5,34 @@ A reward function is a plain callable
 is a list aligned with `prompts` (e.g. `answer=[...]`) and None means "cannot be scored".
 A registry entry is a *factory*: `get("format", tags=("answer",))` calls it with the keyword
 arguments and returns the reward function (verl's `register_policy_loss` pattern, STYLE.md 3).
+
+Names and keyword arguments are checked before the factory runs, so a typo in a config stops with
+the name and its closest valid spelling instead of a bare KeyError / TypeError. A string holding
+`${env:NAME}` in any keyword argument is replaced by that environment variable when the function
+is built (how API keys and `Authorization` headers reach a reward without entering a config file).
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
+import inspect
 import os
+import re
 import sys
 from typing import Any, Callable, Protocol
+
+ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")  # "${env:NAME}" in a keyword argument
+
+
+class RewardConfigError(KeyError, ValueError):
+    """An unknown reward name or keyword argument, or an unset `${env:NAME}`; the message names it.
+
+    A KeyError too, so that code written against the registry's earlier KeyError still catches it.
+    """
+
+    def __str__(self) -> str:  # KeyError's own str() would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class RewardFn(Protocol):
@@ -59,20 +79,80 @@ def get(name: str, **kwargs: Any) -> RewardFn:
         >>> fn = get("format", ends_with_number=True)
         >>> fn(["2+2?"], ["It is 4"])
         [1.0]
-        >>> get("nope")
+        >>> get("fromat")
         Traceback (most recent call last):
         ...
-        KeyError: "unknown reward 'nope'; registered: ..."
+        rewards.registry.RewardConfigError: unknown reward 'fromat'; did you mean 'format'? ...
     """
+    factory, kwargs = _checked(name, kwargs)
+    return factory(**kwargs)
+
+
+def check(name: str, **kwargs: Any) -> None:
+    """Raise what `get(name, **kwargs)` would for an unknown name or argument or an unset
+    `${env:NAME}`, without building anything (cheap: for validating a config before a run starts)."""
+    _checked(name, kwargs)
+
+
+def _checked(name: str, kwargs: dict[str, Any]) -> tuple[Callable[..., RewardFn], dict[str, Any]]:
+    """(the factory to call, the kwargs with `${env:...}` resolved), both checked."""
+    kwargs = resolve_env(kwargs, f"reward {name!r}")
     if ":" in name and name not in _REGISTRY:
         obj = load_function(name)
-        return obj(**kwargs) if kwargs else obj
+        if not kwargs:  # a user spec without kwargs names the reward function itself
+            return (lambda: obj), kwargs
+        check_kwargs(obj, kwargs, f"reward factory {name!r}")
+        return obj, kwargs
+    if name not in _REGISTRY:
+        raise RewardConfigError(f"unknown reward {name!r}{_did_you_mean(name, names())} (registered: "
+                                f"{', '.join(names())}; or give 'module:function' / 'path/to/file.py:function')")
+    check_kwargs(_REGISTRY[name], kwargs, f"reward {name!r}")
+    return _REGISTRY[name], kwargs
+
+
+def _did_you_mean(word: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(word, valid, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def check_kwargs(factory: Callable[..., Any], kwargs: dict[str, Any], what: str) -> None:
+    """Raise RewardConfigError naming an unknown or missing keyword argument of `factory`.
+
+    A factory that takes `**kwargs` accepts any name, so only its missing required ones are named.
+    """
     try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown reward {name!r}; registered: {', '.join(names())} "
-                       "(or give 'module:function' / 'path/to/file.py:function')") from None
-    return factory(**kwargs)
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # some builtins have no signature: let the call speak
+        return
+    keyword = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    for key in kwargs:
+        if key not in keyword and not takes_any:
+            raise RewardConfigError(f"unknown argument {key!r} for {what}{_did_you_mean(key, keyword)} "
+                                    f"(valid: {', '.join(keyword) or 'none'})")
+    missing = [n for n in keyword if params[n].default is inspect.Parameter.empty and n not in kwargs]
+    if missing:
+        raise RewardConfigError(f"{what} needs argument(s) {', '.join(map(repr, missing))} "
+                                f"(valid: {', '.join(keyword)})")
+
+
+def resolve_env(value: Any, what: str = "reward") -> Any:
+    """`value` with every `${env:NAME}` in its strings replaced by os.environ['NAME'] (nested dicts
+    and lists too); an unset variable is a RewardConfigError naming it. The input is not changed."""
+    if isinstance(value, dict):
+        return {k: resolve_env(v, what) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(resolve_env(v, what) for v in value)
+    if not isinstance(value, str) or "${env:" not in value:
+        return value
+
+    def lookup(match: re.Match) -> str:
+        if match.group(1) not in os.environ:
+            raise RewardConfigError(f"{what}: environment variable {match.group(1)} is not set "
+                                    f"(referenced as '{match.group(0)}')")
+        return os.environ[match.group(1)]
+
+    return ENV_REF.sub(lookup, value)
 
 
 def load_function(spec: str) -> Callable[..., Any]:

@@ -4,6 +4,9 @@ Request: `POST url` with body `{"prompts": [...], "completions": [...], <column>
 (every column, or those named in `columns`). Response: `{"rewards": [float | null, ...]}` or a bare
 JSON list, one entry per completion. Connection errors, timeouts, HTTP 429 and 5xx are retried with
 exponential backoff; other HTTP errors (a 4xx means the request itself is wrong) fail at once.
+
+Secrets: write a header as `"Bearer ${env:JUDGE_TOKEN}"` and the token is read from the environment
+when the reward is built; the config (and so the run directory) only ever holds the reference.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from typing import Any, Sequence
 
 import requests
 
-from rewards.registry import register
+from rewards.registry import register, resolve_env
 
 
 class RemoteRewardError(RuntimeError):
@@ -23,6 +26,7 @@ class RemoteRewardError(RuntimeError):
     whole_batch = True  # the runner does not re-run such a failure row by row
 
 
+@register("remote")  # the class is the factory: its arguments are checked by name
 class RemoteReward:
     """POST the batch to `url` and read one reward per completion from the JSON reply.
 
@@ -34,6 +38,8 @@ class RemoteReward:
         >>> judge = RemoteReward("http://127.0.0.1:8000/score", timeout=5.0, retries=2)
         >>> judge(["2+2?"], ["4"], answer=["4"])          # doctest: +SKIP
         [1.0]
+        >>> rewards.get("remote", url="http://judge:8000/score",   # the token from $JUDGE_TOKEN
+        ...             headers={"Authorization": "Bearer ${env:JUDGE_TOKEN}"})  # doctest: +SKIP
     """
 
     def __init__(self, url: str, *, timeout: float = 30.0, retries: int = 3, backoff: float = 0.5,
@@ -43,7 +49,8 @@ class RemoteReward:
         self.timeout = timeout  # seconds per attempt (connect and read)
         self.retries = retries  # extra attempts after the first
         self.backoff = backoff  # first retry delay in seconds, doubled each time
-        self.headers = dict(headers or {})  # e.g. an Authorization header
+        # e.g. an Authorization header; "${env:NAME}" in a value is read from the environment
+        self.headers = resolve_env(dict(headers or {}), f"remote reward {url}")
         self.columns = None if columns is None else list(columns)  # columns to send (None: all)
         self.batch_size = batch_size  # completions per request (None: the whole batch)
         self._lock = threading.Lock()
@@ -131,13 +138,3 @@ class RemoteReward:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
-
-
-@register("remote")
-def remote(url: str, **kwargs: Any) -> RemoteReward:
-    """Factory for `RemoteReward` (url, timeout, retries, backoff, headers, columns, batch_size).
-
-    Example:
-        >>> rewards.get("remote", url="http://judge:8000/score", timeout=10.0)  # doctest: +SKIP
-    """
-    return RemoteReward(url, **kwargs)

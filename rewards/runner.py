@@ -16,12 +16,21 @@ unless the exception says it concerns the whole batch (attribute `whole_batch = 
 `RemoteRewardError` does). Then, per spec, `on_error="raise"`
 stops the run with a `RewardError`, and `on_error="none"` scores the failing rows None (rows that
 succeed when called alone keep their scores) and counts them in the metrics.
+
+Every call has a deadline (`RewardSpec.timeout`, 300 s by default; the row-by-row search above
+runs inside it). A call that misses it fails the whole batch as `on_error` says (a RewardError
+naming the reward and the deadline, or every row None) and is counted in
+`reward/<name>/deadline_missed`. A thread cannot be killed, so each call runs in its own daemon
+thread: one stuck past its deadline is left behind (`reward/<name>/stuck` counts those still
+running) and holds up neither the next step nor the interpreter's exit, as a pool's worker threads
+would (they are joined at exit). The next call starts a fresh thread, even while a stuck one runs.
 """
 from __future__ import annotations
 
 import math
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -48,11 +57,15 @@ class RewardSpec:
     weight: float = 1.0  # multiplier in the total
     on_error: str = "raise"  # "raise": fail the step with RewardError; "none": score failed rows None
     kwargs: dict[str, Any] = field(default_factory=dict)  # factory arguments when fn is a name
+    timeout: float | None = 300.0  # seconds one call (the whole batch) may take; None: no deadline
 
     def __post_init__(self) -> None:
         if self.on_error not in ("raise", "none"):
             raise ValueError(f"reward {self.name!r}: on_error must be 'raise' or 'none', "
                              f"got {self.on_error!r}")
+        if self.timeout is not None and not self.timeout > 0:
+            raise ValueError(f"reward {self.name!r}: timeout must be > 0 seconds or None, "
+                             f"got {self.timeout!r}")
         if self.fn is None or isinstance(self.fn, str):
             self.fn = get(self.fn or self.name, **self.kwargs)
         elif self.kwargs:
@@ -67,7 +80,8 @@ class RewardResult:
 
     total: list[float | None]  # (B,) weighted sum of the components, None where unscored
     components: dict[str, list[float | None]]  # name -> (B,) unweighted component scores
-    metrics: dict[str, float]  # reward/<name>/{mean,none,errors,seconds,<counter>}, reward/total/*
+    # reward/<name>/{mean,none,errors,deadline_missed,stuck,seconds,<counter>}, reward/total/*
+    metrics: dict[str, float]
 
 
 def _excerpt(text: Any) -> str:
@@ -88,8 +102,7 @@ class RewardRunner:
         >>> runner.close()
     """
 
-    def __init__(self, specs: Sequence[RewardSpec | Mapping[str, Any]], missing: str = "skip",
-                 max_threads: int | None = None) -> None:
+    def __init__(self, specs: Sequence[RewardSpec | Mapping[str, Any]], missing: str = "skip") -> None:
         self.specs = [s if isinstance(s, RewardSpec) else RewardSpec(**s) for s in specs]
         if not self.specs:
             raise ValueError("RewardRunner needs at least one reward")
@@ -99,8 +112,7 @@ class RewardRunner:
         if missing not in ("skip", "propagate"):
             raise ValueError(f"missing must be 'skip' or 'propagate', got {missing!r}")
         self.missing = missing  # how a None component enters the total (module docstring)
-        self._executor = ThreadPoolExecutor(max_threads or len(self.specs),
-                                            thread_name_prefix="reward")
+        self._stuck: dict[str, list[Future]] = {s.name: [] for s in self.specs}  # abandoned calls
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str],
                  columns: Mapping[str, Sequence[Any]] | None = None) -> RewardResult:
@@ -113,12 +125,20 @@ class RewardRunner:
         for key, values in columns.items():
             if len(values) != n:
                 raise ValueError(f"column {key!r} has {len(values)} rows, expected {n}")
-        futures = [self._executor.submit(self._run_one, s, prompts, completions, columns)
+        start = time.monotonic()
+        futures = [_start(f"reward-{s.name}", self._run_one, s, prompts, completions, columns)
                    for s in self.specs]
         components: dict[str, list[float | None]] = {}
         metrics: dict[str, float] = {}
         for spec, future in zip(self.specs, futures):
-            scores, spec_metrics = future.result()  # a RewardError propagates here
+            left = None if spec.timeout is None else max(0.0, start + spec.timeout - time.monotonic())
+            try:
+                scores, spec_metrics = future.result(timeout=left)  # a RewardError propagates here
+            except FutureTimeout:
+                self._stuck[spec.name].append(future)
+                scores, spec_metrics = self._timed_out(spec, n, time.monotonic() - start)
+            self._stuck[spec.name] = [f for f in self._stuck[spec.name] if not f.done()]
+            spec_metrics[f"reward/{spec.name}/stuck"] = float(len(self._stuck[spec.name]))
             components[spec.name] = scores
             metrics.update(spec_metrics)
         total = self._combine(components, n)
@@ -157,11 +177,26 @@ class RewardRunner:
             f"{prefix}/mean": sum(values) / len(values) if values else float("nan"),
             f"{prefix}/none": float(len(scores) - len(values)),
             f"{prefix}/errors": float(errors),
+            f"{prefix}/deadline_missed": 0.0,
             f"{prefix}/seconds": seconds,
         }
         for key, value in after.items():  # e.g. math_accuracy's timeouts during this call
             metrics[f"{prefix}/{key}"] = float(value - before.get(key, 0))
         return scores, metrics
+
+    def _timed_out(self, spec: RewardSpec, n: int, seconds: float
+                   ) -> tuple[list[float | None], dict[str, float]]:
+        """A call past its deadline: RewardError (on_error="raise"), or every row None and counted."""
+        if spec.on_error == "raise":
+            what = getattr(spec.fn, "__qualname__", type(spec.fn).__qualname__)
+            raise RewardError(f"reward {spec.name!r} ({what}) did not return within its deadline of "
+                              f"{spec.timeout:g} s (the reward's timeout) on a batch of {n}; "
+                              "set on_error='none' to score such a batch None and go on",
+                              spec.name, None)
+        prefix = f"reward/{spec.name}"
+        return [None] * n, {f"{prefix}/mean": float("nan"), f"{prefix}/none": float(n),
+                            f"{prefix}/errors": 0.0, f"{prefix}/deadline_missed": 1.0,
+                            f"{prefix}/seconds": seconds}
 
     def _on_failure(self, spec: RewardSpec, exc: Exception, prompts: list[str],
                     completions: list[str], columns: dict[str, list[Any]]
@@ -194,8 +229,7 @@ class RewardRunner:
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
-        """Shut the thread pool and every reward function that has a `close()` (process pools)."""
-        self._executor.shutdown(wait=True)
+        """Close every reward function that has a `close()` (process pools); no call is waited for."""
         for spec in self.specs:
             close = getattr(spec.fn, "close", None)
             if callable(close):
@@ -206,6 +240,20 @@ class RewardRunner:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _start(name: str, fn: Callable[..., Any], *args: Any) -> Future:
+    """`fn(*args)` in a new daemon thread; its result or exception arrives in the returned future."""
+    future: Future = Future()
+
+    def target() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - delivered to the caller through the future
+            future.set_exception(exc)
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    return future
 
 
 def _check(scores: Any, n: int) -> list[float | None]:

@@ -58,11 +58,14 @@ class RolloutEngine(Protocol):
     """A generation backend that the RL driver can sample from and push new weights into."""
 
     def generate(self, prompts: list[str], sampling: SamplingParams, group_offset: int = 0,
-                 columns: list[dict[str, Any]] | None = None) -> list[Sample]:
+                 columns: list[dict[str, Any]] | None = None,
+                 prompt_ids: list[list[int]] | None = None) -> list[Sample]:
         """`sampling.n` samples per prompt, prompt-major; samples of prompt i get group id
         `group_offset + i` and a copy of `columns[i]`; finish reason "stop" (EOS or stop string)
-        or "length"; completion ids include EOS when it was generated. Prompts are tokenised
-        with the tokenizer's defaults (special tokens such as BOS added), as vLLM does."""
+        or "length"; completion ids include EOS when it was generated. `prompt_ids` are the
+        prompts' token ids as the caller made them (a chat template's text already holds its BOS:
+        tokenising it again with special tokens would add a second one); without them prompts
+        are tokenised with the tokenizer's defaults (special tokens such as BOS added), as vLLM does."""
         ...
 
     def update_weights(self, state_dict: dict[str, Tensor]) -> None:

@@ -95,11 +95,13 @@ class HFEngine:
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: list[str], sampling: SamplingParams, group_offset: int = 0,
-                 columns: list[dict[str, Any]] | None = None) -> list[Sample]:
+                 columns: list[dict[str, Any]] | None = None,
+                 prompt_ids: list[list[int]] | None = None) -> list[Sample]:
         """`sampling.n` samples per prompt, prompt-major (see `RolloutEngine.generate`)."""
         columns = check_columns(prompts, columns)
         self.wake()
-        prompt_ids = [self.tokenizer(p)["input_ids"] for p in prompts]
+        if prompt_ids is None:
+            prompt_ids = [self.tokenizer(p)["input_ids"] for p in prompts]
         rows = [i for i in range(len(prompts)) for _ in range(sampling.n)]
         samples = []
         devices = [self.device] if self.device != HOST else []  # a GPU's generator too
@@ -140,11 +142,12 @@ class HFEngine:
                                   attention_mask=attention_mask.to(self.device), **kw)
         gen = out.sequences[:, P:].to(HOST)  # (B, C)
         lps = None
-        if sampling.logprobs:
-            logits = torch.stack(out.logits, dim=1).float()  # (B, C, V) raw, before any warper
+        if sampling.logprobs:  # step by step: a (B, C, V) float block would be 400 MB at 32 x 64 x 49k
             temp = sampling.temperature if not sampling.greedy else 1.0
-            lps = torch.log_softmax(logits / temp, dim=-1)  # (B, C, V)
-            lps = lps.gather(-1, gen.to(lps.device).unsqueeze(-1)).squeeze(-1).to(HOST)  # (B, C)
+            ids = out.sequences[:, P:]  # (B, C) on the device
+            lps = torch.stack([torch.log_softmax(step.float() / temp, dim=-1)  # (B, V) raw, before any warper
+                               .gather(-1, ids[:, t:t + 1]).squeeze(-1)
+                               for t, step in enumerate(out.logits)], dim=1).to(HOST)  # (B, C)
         return [(gen[b].tolist(), None if lps is None else lps[b].tolist())
                 for b in range(gen.shape[0])]
 

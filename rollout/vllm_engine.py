@@ -117,9 +117,11 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: list[str], sampling: SamplingParams, group_offset: int = 0,
-                 columns: list[dict[str, Any]] | None = None) -> list[Sample]:
+                 columns: list[dict[str, Any]] | None = None,
+                 prompt_ids: list[list[int]] | None = None) -> list[Sample]:
         """`sampling.n` samples per prompt, prompt-major (see `RolloutEngine.generate`)."""
         import vllm
+        from vllm.inputs import TokensPrompt
 
         columns = check_columns(prompts, columns)
         self.wake()  # a sleeping engine has no weights or KV cache on the GPU
@@ -130,7 +132,8 @@ class VLLMEngine:
             # one seed per prompt: equal seeds would give every prompt the same random stream
             seed=None if sampling.seed is None else sampling.seed + i,
         ) for i in range(len(prompts))]
-        outs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora_request)
+        inputs = prompts if prompt_ids is None else [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
+        outs = self.llm.generate(inputs, params, use_tqdm=False, lora_request=self._lora_request)
         samples = []
         for i, out in enumerate(outs):
             for c in sorted(out.outputs, key=lambda c: c.index):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import algorithms
-from algorithms.preference import DPO, KTO, ORPO, SimPO, bradley_terry_loss, log1mexp
+from algorithms.preference import DPO, KTO, ORPO, SimPO, bradley_terry_loss, log1mexp, preference_names
 
 torch.set_num_threads(1)
 
@@ -357,3 +357,12 @@ def test_online_pairs_select_best_and_worst_and_match_dpo():
     parts = sum(algo.loss(logprobs=lp[i:i + 2], action_mask=mask[i:i + 2], group_ids=gid[i:i + 2],
                           ref_logprobs=ref[i:i + 2], num_seqs=4)[0] for i in (0, 2))
     assert torch.allclose(parts, want)
+
+
+def test_preference_names_come_from_the_registry():
+    """One list of preference algorithms: the registered classes that say whether they are pairwise."""
+    assert preference_names() == ["dpo", "kto", "orpo", "simpo"]
+    assert preference_names(pairwise=True) == ["dpo", "orpo", "simpo"]  # what online pairs can train
+    assert preference_names(pairwise=False) == ["kto"]
+    assert all(algorithms.get_class(n).pairwise == (n != "kto") for n in preference_names())
+    assert not set(preference_names()) & {"grpo", "ppo", "dapo", "rloo"}

@@ -317,7 +317,7 @@ def rewards_of(groups):
     return [[s.reward for s in g] for g in groups]
 
 
-def test_dapo_dynamic_sampling_refills_exactly_when_groups_are_dropped():
+def test_dapo_dynamic_sampling_asks_for_whole_batches_until_full():
     dapo = algorithms.get("dapo")
     assert (dapo.clip_low, dapo.clip_high, dapo.kl_coef, dapo.loss_agg) == (0.2, 0.28, 0.0, "token-mean")
     full = [group(0, [1, 0]), group(1, [0, 1]), group(2, [1]), group(3, [1, None, 0])]  # all informative
@@ -326,7 +326,7 @@ def test_dapo_dynamic_sampling_refills_exactly_when_groups_are_dropped():
 
     round1 = [group(0, [1, 0]), group(1, [1, 1]), group(2, [0, 0]), group(3, [1, None])]
     sel = dapo.select(round1, batch_groups=4, round=1)
-    assert sel.need == 3 and sel.metrics["zero_std_frac"] == 0.75
+    assert sel.need == 4 and sel.metrics["zero_std_frac"] == 0.75  # a whole fresh batch (verl), not 3
     round2 = round1 + [group(10, [0, 1]), group(11, [1, 1]), group(12, [0.5, 0]), group(13, [1, 0])]
     sel = dapo.select(round2, batch_groups=4, round=2)
     assert sel.need == 0
@@ -337,12 +337,18 @@ def test_dapo_dynamic_sampling_refills_exactly_when_groups_are_dropped():
     assert dapo.select(round2b, batch_groups=4, round=3).metrics["surplus_groups"] == 1.0
 
 
-def test_dapo_stops_at_its_cap_with_a_clear_error():
+def test_dapo_at_its_cap_trains_on_what_it_has_or_raises_when_strict():
     dapo = algorithms.get("dapo", max_gen_rounds=2)
     flat = [group(k, [1, 1]) for k in range(4)]
     assert dapo.select(flat, batch_groups=4, round=1).need == 4
+    sel = dapo.select(flat + [group(8, [0, 1]), group(9, [0, 0])], batch_groups=4, round=2)
+    assert sel.need == 0 and rewards_of(sel.groups) == [[0, 1]]  # the one informative group
+    assert sel.metrics["gen_rounds_exhausted"] == 1.0
+    sel = dapo.select(flat + [group(9, [0, 0])], batch_groups=4, round=2)  # nothing varies: the last batch, A = 0
+    assert sel.need == 0 and len(sel.groups) == 4
+    strict = algorithms.get("dapo", max_gen_rounds=2, strict_gen_rounds=True)
     with pytest.raises(RuntimeError, match=r"after 2 generation round\(s\) \(max_gen_rounds=2\) only 0 of the 4"):
-        dapo.select(flat + [group(9, [0, 0])], batch_groups=4, round=2)
+        strict.select(flat + [group(9, [0, 0])], batch_groups=4, round=2)
     unlimited = algorithms.get("dapo", max_gen_rounds=0)
     assert unlimited.select(flat, batch_groups=4, round=100).need == 4
 
@@ -479,22 +485,26 @@ def test_ppo_value_clipping_and_explained_variance_by_hand():
 
 
 def test_adaptive_kl_controller_by_hand():
+    import dataclasses
+
     ppo = algorithms.get("ppo", adaptive_kl=True, kl_coef=0.1, target_kl=0.1, kl_horizon=10000)
-    assert ppo.update_kl(0.2, 64) == pytest.approx(0.1 * (1 + 0.2 * 64 / 10000))  # error clipped at +0.2
-    beta = ppo.kl_coef
-    assert ppo.update_kl(0.09, 100) == pytest.approx(beta * (1 - 0.1 * 100 / 10000))
-    beta = ppo.kl_coef
-    assert ppo.update_kl(0.0, 50) == pytest.approx(beta * (1 - 0.2 * 50 / 10000))  # clipped at -0.2
+    beta = ppo.next_kl_coef(0.2, 64)
+    assert beta == pytest.approx(0.1 * (1 + 0.2 * 64 / 10000))  # error clipped at +0.2
+    assert ppo.kl_coef == 0.1  # no side effect: the caller applies the new beta
+    ppo = dataclasses.replace(ppo, kl_coef=beta)
+    assert ppo.next_kl_coef(0.09, 100) == pytest.approx(beta * (1 - 0.1 * 100 / 10000))
+    assert ppo.next_kl_coef(0.0, 50) == pytest.approx(beta * (1 - 0.2 * 50 / 10000))  # clipped at -0.2
     fixed = algorithms.get("ppo", kl_coef=0.1)
-    assert fixed.update_kl(5.0, 64) == 0.1
-    # advantages() applies the current beta, then updates with the observed KL (verl apply_kl_penalty)
+    assert fixed.next_kl_coef(5.0, 64) == 0.1
+    # advantages() applies the current beta and returns the controller's next one (verl apply_kl_penalty)
     ppo = algorithms.get("ppo", adaptive_kl=True, kl_coef=0.1, target_kl=0.1, kl_horizon=100)
     out = ppo.advantages(rewards=t([1.0, 0.0]), values=t([[0.0, 0.0], [0.0, 0.0]]),
                          action_mask=torch.tensor([[1, 1], [1, 0]]), old_logprobs=t([[-1.0, -1.0], [-1.0, 0.0]]),
                          ref_logprobs=t([[-1.1, -1.08], [-1.09, 0.0]]))
     observed = ((0.1 + 0.08) / 2 + 0.09) / 2  # 0.09: error -0.1, inside the +-0.2 clip
     assert out.metrics["kl_in_reward"] == pytest.approx(observed)
-    assert ppo.kl_coef == pytest.approx(0.1 * (1 + (observed / 0.1 - 1) * 2 / 100))
+    assert out.updates["kl_coef"] == pytest.approx(0.1 * (1 + (observed / 0.1 - 1) * 2 / 100))
+    assert ppo.kl_coef == 0.1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -581,3 +591,40 @@ def test_registry_lists_valid_names_and_variants_are_fields():
         algorithms.get("grpo", scale_rewards="std")
     with pytest.raises(ValueError, match="dual_clip"):
         algorithms.get("dapo", dual_clip=0.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rollout correction: engine vs learner log-probs (TIS / MIS)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_rollout_correction_weights_the_loss_as_the_formula_says():
+    from algorithms.core import rollout_weights
+
+    lp = t([[-1.0, -2.0, -0.5], [-1.0, -1.0, 0.0]])  # learner (behaviour) log-probs
+    eng = t([[-1.5, -1.0, -0.5], [-0.2, -1.1, 0.0]])  # the engine's
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    adv = t([1.0, -1.0])
+    r = [[math.exp(0.5), math.exp(-1.0), 1.0], [math.exp(-0.8), math.exp(0.1), 1.0]]  # pi_old / mu per token
+    want = {
+        "token-truncate": [[min(x, 1.5) for x in row] for row in r],
+        "token-mask": [[x if x <= 1.5 else 0.0 for x in row] for row in r],
+        "sequence-truncate": [[min(math.exp(-0.5), 1.5)] * 3, [min(math.exp(-0.7), 1.5)] * 3],
+    }
+    for mode, w in want.items():
+        got, m = rollout_weights(lp, eng, mask, mode, cap=1.5)
+        assert torch.allclose(got[mask], t(w)[mask]), mode
+        # on-policy the surrogate's per-token value is -A; the correction multiplies it by w
+        loss, lm = algorithms.get("grpo", loss_agg="token-mean").loss(
+            logprobs=lp, advantages=adv, action_mask=mask, engine_logprobs=eng, rollout_correction=mode,
+            correction_cap=1.5)
+        per_token = -adv[:, None] * t(w)
+        assert loss.item() == pytest.approx(float(per_token[mask].sum() / mask.sum())), mode
+        assert lm["rollout/logprob_diff_abs"] == pytest.approx((0.5 + 1.0 + 0 + 0.8 + 0.1) / 5)
+    sm, _ = rollout_weights(lp, eng, mask, "sequence-mask", cap=0.55)  # row 0: e^-0.5 = 0.61 > 0.55 -> dropped
+    assert sm[0].tolist() == [0.0, 0.0, 0.0] and sm[1, 0].item() == pytest.approx(math.exp(-0.7))
+    off, m = rollout_weights(lp, eng, mask, "off", cap=2.0)
+    assert bool((off == 1).all())
+    # KL(mu || pi_old) estimated with k3 from the engine's samples
+    k3 = [math.exp(d) - 1 - d for d in (0.5, -1.0, 0.0, -0.8, 0.1)]
+    assert m["rollout/kl_engine_learner"].item() == pytest.approx(sum(k3) / 5, rel=1e-5)

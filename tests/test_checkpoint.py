@@ -1,4 +1,5 @@
 """Checkpoints: atomic, checksummed, a damaged newest one is skipped in favour of the previous one."""
+import pytest
 import torch
 
 from align import checkpoint
@@ -35,3 +36,15 @@ def test_keep_prunes_old_checkpoints(tmp_path):
     for s in range(1, 5):
         checkpoint.save(root, s, {"w": torch.zeros(1)}, {}, {}, keep=2)
     assert [p.name for p in checkpoint.complete(root)] == ["step-3", "step-4"]
+
+
+def test_fingerprint_redacts_secrets_and_still_catches_a_changed_field(tmp_path):
+    def config(url="http://judge/score", key="sk-live-123"):
+        return {"train": {"lr": 1.0}, "reward": {"functions": [
+            {"name": "remote", "kwargs": {"url": url, "headers": {"Authorization": f"Bearer {key}"}}}]}}
+
+    path = checkpoint.save(tmp_path / "checkpoints", 1, {"w": torch.zeros(1)}, {}, config())
+    assert "sk-live-123" not in (path / "fingerprint.json").read_text()
+    checkpoint.load(path, config(key="sk-rotated-456"))  # a new API key is no reason to refuse the resume
+    with pytest.raises(checkpoint.ResumeError, match="reward.functions"):
+        checkpoint.load(path, config(url="http://elsewhere/score"))

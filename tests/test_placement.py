@@ -59,7 +59,7 @@ def _rl_cfg(tmp_path, model_dir, *extra):
     from align.rl_config import RLConfig
 
     return load_config(RLConfig, None, [
-        f"model.name={model_dir}", f"train.output_dir={tmp_path / 'run'}", "train.steps=2", "data.train_size=40",
+        f"model.name={model_dir}", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "data.train_size=40",
         "data.eval_size=4", "rollout.prompts_per_step=4", "rollout.n=2", "rollout.max_new_tokens=6",
         "rollout.temperature=1.0", "log.progress=false", "rollout.num_threads=1", "train.num_threads=1",
         "train.lr=1e-2", "peft.r=8", "reward.functions=[{name: tests/rl_rewards.py:digit_share}]",

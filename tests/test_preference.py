@@ -12,6 +12,9 @@ import pytest
 import torch
 
 from align import preference as P
+from align import preference_data as PD
+from align.preference_logps import sequence_logps
+from align.preference_reference import attach_reference, reference_context
 from align.config import ConfigError, load_config
 from align.tiny import tiny_model
 from align.tracking import read_metrics
@@ -58,7 +61,7 @@ def _plain_logps(model, prompt, completion):
 def _eval_metrics(model, cfg, tok, examples):
     """Eval metrics of `model` on `examples` through the stage's own collate and loss."""
     algo = P.build_algorithm(cfg.algorithm)
-    batch = P.collate(examples, tok.pad_token_id, kto=cfg.algorithm.name == "kto")
+    batch = PD.collate(examples, tok.pad_token_id, kto=cfg.algorithm.name == "kto")
     with torch.no_grad():
         _, m = P.preference_loss(model, batch, algo, cfg.algorithm.reference)
     return {k: v / len(examples) for k, v in m.items()}
@@ -71,23 +74,23 @@ def test_precomputed_reference_equals_on_the_fly_and_plain(tmp_path, share):
     base, tok = tiny_model()
     plain = copy.deepcopy(base)
     rows = _pairs(20, 3)
-    examples, _ = P.encode_examples(rows, cfg.data, tok, kto=False, block=8)
+    examples, _ = PD.encode_examples(rows, cfg.data, tok, kto=False, block=8)
     model = apply_tuning(base, cfg.peft)
     with torch.no_grad():  # a trained-looking adapter, so that "adapter disabled" is not a no-op
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.5)
     # precomputed (length-sorted batches, one cache file), loaded back from the cache
-    assert not P.attach_reference(model, examples, tok.pad_token_id, tmp_path / "cache", "key", share_prompt=share)
+    assert not attach_reference(model, examples, tok.pad_token_id, tmp_path / "cache", "key", share_prompt=share)
     pre = torch.tensor([ex.ref for ex in examples])  # (20, 2)
     again = copy.deepcopy(examples)
-    assert P.attach_reference(model, again, tok.pad_token_id, tmp_path / "cache", "key", share_prompt=share)
+    assert attach_reference(model, again, tok.pad_token_id, tmp_path / "cache", "key", share_prompt=share)
     assert torch.equal(torch.tensor([ex.ref for ex in again]), pre)
     # on the fly: the training collate (bucketed chunks) with the adapter disabled
-    batch = P.collate([dataclass_without_ref(ex) for ex in examples], tok.pad_token_id, kto=False, share_prompt=share)
-    assert {type(ch) for ch in batch["chunks"]} == {P.PairChunk if share else P.Chunk}
-    with torch.no_grad(), P.reference_context(model):
-        fly, lengths = P.sequence_logps(model, batch["chunks"])  # (40,)
+    batch = PD.collate([dataclass_without_ref(ex) for ex in examples], tok.pad_token_id, kto=False, share_prompt=share)
+    assert {type(ch) for ch in batch["chunks"]} == {PD.PairChunk if share else PD.Chunk}
+    with torch.no_grad(), reference_context(model):
+        fly, lengths = sequence_logps(model, batch["chunks"])  # (40,)
     assert torch.allclose(fly, torch.cat([pre[:, 0], pre[:, 1]]), atol=1e-5, rtol=0)
     # the textbook computation on the untouched base model, one sequence at a time
     want = torch.tensor([[_plain_logps(plain, *ex.seqs[k]) for k in range(2)] for ex in examples])
@@ -95,13 +98,13 @@ def test_precomputed_reference_equals_on_the_fly_and_plain(tmp_path, share):
     assert lengths.tolist() == [len(ex.seqs[0][1]) for ex in examples] + [len(ex.seqs[1][1]) for ex in examples]
     # the adapter is really on in training: the policy's log-probs differ from the reference
     with torch.no_grad():
-        policy, _ = P.sequence_logps(model, batch["chunks"])
+        policy, _ = sequence_logps(model, batch["chunks"])
     assert (policy - fly).abs().max() > 1e-2
 
 
 def dataclass_without_ref(ex):
     """A copy of an example with no precomputed reference (so the collate carries none)."""
-    return P.PrefExample(ex.seqs, ex.label, None)
+    return PD.PrefExample(ex.seqs, ex.label, None)
 
 
 def test_shared_prompt_forward_matches_whole_sequences_in_value_and_gradient():
@@ -110,16 +113,16 @@ def test_shared_prompt_forward_matches_whole_sequences_in_value_and_gradient():
     model, tok = tiny_model()
     cfg = _cfg_data()
     rows = _pairs(12, 5) + [{"prompt": "", "chosen": "good", "rejected": "bad"}]  # an empty prompt: plain chunk
-    examples, _ = P.encode_examples(rows, cfg, tok, kto=False, block=8)
+    examples, _ = PD.encode_examples(rows, cfg, tok, kto=False, block=8)
     grads = []
     for share in (True, False):
         model.zero_grad()
-        batch = P.collate(examples, tok.pad_token_id, kto=False, share_prompt=share)
-        logps, lengths = P.sequence_logps(model, batch["chunks"])
+        batch = PD.collate(examples, tok.pad_token_id, kto=False, share_prompt=share)
+        logps, lengths = sequence_logps(model, batch["chunks"])
         (logps * torch.linspace(0.5, 1.5, len(logps))).sum().backward()
         grads.append((logps.detach(), lengths, {n: p.grad.clone() for n, p in model.named_parameters()}))
         if share:
-            assert sum(isinstance(ch, P.Chunk) for ch in batch["chunks"]) == 1  # the empty-prompt pair
+            assert sum(isinstance(ch, PD.Chunk) for ch in batch["chunks"]) == 1  # the empty-prompt pair
             shared_tokens = batch["num_tokens"]
         else:
             assert batch["num_tokens"] > shared_tokens  # the prompts went through twice
@@ -130,17 +133,17 @@ def test_shared_prompt_forward_matches_whole_sequences_in_value_and_gradient():
 
 
 def _cfg_data():
-    return P.PreferenceDataConfig(template="none")  # raw text: an empty prompt stays empty
+    return PD.PreferenceDataConfig(template="none")  # raw text: an empty prompt stays empty
 
 
 def test_length_buckets_group_by_length_and_cover_every_sequence():
     # overhead 0: padding alone decides; two short and two long sequences form two groups
-    assert P.length_buckets([10, 2, 10, 2], overhead=0) == [[0, 2], [1, 3]]
+    assert PD.length_buckets([10, 2, 10, 2], overhead=0) == [[0, 2], [1, 3]]
     # a large per-forward overhead keeps them in one group (16 + 3 * overhead > 40 + overhead)
-    assert P.length_buckets([10, 2, 10, 2], overhead=100) == [[0, 2, 1, 3]]
+    assert PD.length_buckets([10, 2, 10, 2], overhead=100) == [[0, 2, 1, 3]]
     rng = random.Random(0)
     lengths = [rng.randint(5, 200) for _ in range(16)]
-    groups = P.length_buckets(lengths)
+    groups = PD.length_buckets(lengths)
     assert sorted(i for g in groups for i in g) == list(range(16))
     padded = sum(len(g) * max(lengths[i] for i in g) for g in groups)
     assert sum(lengths) <= padded < 16 * max(lengths)
@@ -154,7 +157,7 @@ def test_length_buckets_group_by_length_and_cover_every_sequence():
 def test_each_algorithm_raises_reward_accuracy(tmp_path, name, params):
     cfg = _cfg(tmp_path, f"algorithm.name={name}", "peft.method=lora", "train.max_steps=12", *params)
     model, tok = tiny_model()
-    evals, _ = P.encode_examples(_pairs(36, 1), cfg.data, tok, kto=False, block=8)
+    evals, _ = PD.encode_examples(_pairs(36, 1), cfg.data, tok, kto=False, block=8)
     if name in ("orpo", "simpo"):  # reference-free: the random model's own preference, about 50 %
         before = _eval_metrics(model, cfg, tok, evals)["rewards/accuracy"]
         assert 0.2 <= before <= 0.8, before
@@ -169,11 +172,11 @@ def test_each_algorithm_raises_reward_accuracy(tmp_path, name, params):
         # KTO trains on unpaired rows; judge it on the pairs: implicit reward (policy - reference)
         for ex in evals:
             ex.ref = None
-        batch = P.collate(evals, tok.pad_token_id, kto=False)
+        batch = PD.collate(evals, tok.pad_token_id, kto=False)
         with torch.no_grad():
-            lp, _ = P.sequence_logps(out.model, batch["chunks"])
-            with P.reference_context(out.model):
-                ref, _ = P.sequence_logps(out.model, batch["chunks"])
+            lp, _ = sequence_logps(out.model, batch["chunks"])
+            with reference_context(out.model):
+                ref, _ = sequence_logps(out.model, batch["chunks"])
         r = lp - ref
         acc = (r[:36] > r[36:]).float().mean().item()
         assert acc >= 0.9, acc
@@ -243,7 +246,7 @@ def test_kto_mismatched_pairs_follow_trl_and_pairs_unpair(tmp_path):
     _, tok = tiny_model()
     cfg = _cfg(tmp_path, "algorithm.name=kto", "data.template=none")
     rows = [{"prompt": f"p{i} ", "completion": f"c{i}", "label": i % 2 == 0} for i in range(5)]
-    ex, _ = P.encode_kto(rows, cfg.data, tok, block=2)
+    ex, _ = PD.encode_kto(rows, cfg.data, tok, block=2)
 
     def text(ids):
         return tok.decode(ids)
@@ -255,11 +258,11 @@ def test_kto_mismatched_pairs_follow_trl_and_pairs_unpair(tmp_path):
     assert [e.label for e in ex] == [True, False, True, False, True]
     assert [text(e.seqs[0][1]) for e in ex] == [f"c{i}<|im_end|>" for i in range(5)]
     pairs = [{"prompt": "a ", "chosen": "good", "rejected": "bad"}, {"prompt": "b ", "chosen": "yes", "rejected": "no"}]
-    ex, _ = P.encode_kto(pairs, cfg.data, tok, block=8)
+    ex, _ = PD.encode_kto(pairs, cfg.data, tok, block=8)
     assert [(text(e.seqs[0][1]), e.label) for e in ex] == [
         ("good<|im_end|>", True), ("yes<|im_end|>", True), ("bad<|im_end|>", False), ("no<|im_end|>", False)]
-    with pytest.raises(Exception, match=r"row 0: missing field\(s\) \['label'\]"):
-        P.encode_kto([{"prompt": "a", "completion": "b"}], cfg.data, tok, block=2)
+    with pytest.raises(Exception, match=r"row 1: missing field\(s\) \['label'\]"):
+        PD.encode_kto([{"prompt": "a", "completion": "b"}], cfg.data, tok, block=2)
 
 
 # ----------------------------------------------------------------------------- config errors
@@ -279,3 +282,5 @@ def test_bad_algorithm_keys_and_values_are_named(tmp_path):
         P.run(_cfg(tmp_path, "peft.method=adalora"), model, tok)  # r=8: nothing to prune
     with pytest.raises(ConfigError, match=r"algorithm\.name"):
         load_config(P.PreferenceConfig, None, ["algorithm.name=grpo"])
+    with pytest.raises(ConfigError, match=r"algorithm\.name='simppo'; did you mean 'simpo'\? .*dpo, kto, orpo, simpo"):
+        load_config(P.PreferenceConfig, None, ["algorithm.name=simppo"])

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -15,7 +17,8 @@ import pytest
 
 import rewards
 from rewards import (FormatReward, MathAccuracy, MathVerifyPool, RemoteReward, RemoteRewardError,
-                     RewardError, RewardRunner, RewardSpec, SoftOverlong, normalize_gold)
+                     RewardConfigError, RewardError, RewardRunner, RewardSpec, SoftOverlong,
+                     normalize_gold)
 
 TOWER = "\\boxed{9^{9^{9^{9^{9}}}}}"
 NESTED = "\\boxed{" + "{" * 500_000 + "1" + "}" * 500_000 + "}"  # a megabyte of nested braces
@@ -52,6 +55,32 @@ def test_registry_names_get_and_unknown():
     assert rewards.get("_test_const", value=0.25)(["a", "b"], ["x", "y"]) == [0.25, 0.25]
     with pytest.raises(ValueError):
         rewards.register("_test_const")(lambda: None)
+
+
+def test_unknown_names_and_arguments_are_named_with_the_closest_one(tmp_path):
+    with pytest.raises(RewardConfigError, match=r"unknown reward 'fromat'; did you mean 'format'\?"):
+        rewards.get("fromat")
+    with pytest.raises(ValueError, match=r"unknown argument 'end_with_number' for reward 'format'; "
+                                         r"did you mean 'ends_with_number'\? \(valid: pattern, tags, "):
+        rewards.get("format", end_with_number=True)
+    with pytest.raises(RewardConfigError, match=r"'timout' for reward 'math_accuracy'; did you mean 'timeout'"):
+        rewards.get("math_accuracy", timout=3.0)
+    with pytest.raises(RewardConfigError, match=r"'headrs' for reward 'remote'; did you mean 'headers'"):
+        rewards.get("remote", url="http://x", headrs={})
+    with pytest.raises(RewardConfigError, match=r"reward 'remote' needs argument\(s\) 'url'"):
+        rewards.get("remote", timeout=1.0)
+    with pytest.raises(RewardConfigError, match=r"'timout' for reward 'remote'; did you mean 'timeout'"):
+        rewards.check("remote", url="http://x", timout=1.0)  # checks without building (no pool, no actor)
+    assert rewards.check("math_accuracy", timeout=1.0) is None
+    with pytest.raises(RewardConfigError, match=r"'max_completion_length' for reward 'soft_overlong'; "
+                                                r"did you mean 'max_completion_len'"):
+        rewards.get("soft_overlong", max_completion_length=8, soft_punish_cache=2)
+    path = tmp_path / "user.py"
+    path.write_text("def make(scale):\n    return lambda p, c, **k: [scale] * len(c)\n\n"
+                    "def loose(**options):\n    return lambda p, c, **k: [len(options)] * len(c)\n")
+    with pytest.raises(RewardConfigError, match=rf"'scal' for reward factory '{path}:make'; did you mean 'scale'"):
+        rewards.get(f"{path}:make", scal=2.0)
+    assert rewards.get(f"{path}:loose", anything=1, goes=2)(["p"], ["c"]) == [2]  # **kwargs: as it is
 
 
 # ---------------------------------------------------------------------------- math accuracy
@@ -328,6 +357,63 @@ def test_runner_error_policies():
             runner(["a", "b"], ["x", "y"])
 
 
+def _hang(prompts, completions, **cols):
+    threading.Event().wait()  # never returns, as a parser stuck on hostile input
+
+
+def test_a_reward_that_never_returns_costs_one_deadline():
+    first = threading.Event()
+
+    def hangs_once(prompts, completions, **cols):
+        if not first.is_set():
+            first.set()
+            threading.Event().wait()
+        return [0.5] * len(completions)
+
+    specs = [RewardSpec("hang", hangs_once, on_error="none", timeout=1.0),
+             RewardSpec("len", _length_reward, weight=0.1)]
+    with RewardRunner(specs) as runner:
+        start = time.monotonic()
+        res = runner(["p", "q"], ["ab", "abcd"])
+        elapsed = time.monotonic() - start
+        assert 0.95 < elapsed < 2.0, elapsed  # one deadline, not forever
+        assert res.components["hang"] == [None, None] and res.components["len"] == [2.0, 4.0]
+        assert res.total == pytest.approx([0.2, 0.4])  # the step's other rewards are kept
+        assert res.metrics["reward/hang/deadline_missed"] == 1.0 and res.metrics["reward/hang/none"] == 2.0
+        assert res.metrics["reward/hang/stuck"] == 1.0 and res.metrics["reward/len/deadline_missed"] == 0.0
+        start = time.monotonic()
+        res = runner(["p"], ["ab"])  # the next call works while the stuck one still waits
+        assert time.monotonic() - start < 1.0
+        assert res.components["hang"] == [0.5] and res.metrics["reward/hang/deadline_missed"] == 0.0
+    with RewardRunner([RewardSpec("hang", _hang, timeout=0.5)]) as strict:
+        with pytest.raises(RewardError, match=r"reward 'hang' \(_hang\) did not return within its deadline "
+                                              r"of 0.5 s") as info:
+            strict(["p"], ["c"])
+    assert info.value.name == "hang" and info.value.row is None
+    with pytest.raises(ValueError, match="timeout must be > 0"):
+        RewardSpec("bad", _hang, timeout=0)
+
+
+def test_a_stuck_reward_does_not_hold_up_process_exit(tmp_path):
+    script = tmp_path / "stuck.py"
+    script.write_text(textwrap.dedent("""
+        import threading
+        from rewards import RewardRunner, RewardSpec
+
+        def hang(prompts, completions, **cols):
+            threading.Event().wait()
+
+        runner = RewardRunner([RewardSpec("hang", hang, on_error="none", timeout=0.2)])
+        print(runner(["p"], ["c"]).components["hang"])
+        runner.close()
+    """))
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[None]"
+    assert time.monotonic() - start < 30  # it exits: the stuck thread is a daemon
+
+
 # ---------------------------------------------------------------------------- remote
 
 
@@ -346,6 +432,8 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(1.5)
         if self.path == "/bad":
             return self._reply(400, {"error": "bad request"})
+        if self.path == "/auth" and self.headers.get("Authorization") != "Bearer s3cret-token":
+            return self._reply(401, {"error": "unauthorized"})
         scores = [1.0 if c.strip() == a else 0.0
                   for c, a in zip(body["completions"], body["answer"])]
         payload = scores if self.path == "/bare" else {"rewards": scores}
@@ -407,6 +495,20 @@ def test_remote_timeout_and_client_error(server):
     assert bad.counters()["requests"] == 1  # a 4xx is not retried
 
 
+def test_remote_header_from_the_environment(server, monkeypatch):
+    headers = {"Authorization": "Bearer ${env:ALIGN_TEST_JUDGE_TOKEN}"}
+    monkeypatch.delenv("ALIGN_TEST_JUDGE_TOKEN", raising=False)
+    with pytest.raises(RewardConfigError, match="environment variable ALIGN_TEST_JUDGE_TOKEN is not set"):
+        rewards.get("remote", url=server + "/auth", headers=headers)
+    monkeypatch.setenv("ALIGN_TEST_JUDGE_TOKEN", "s3cret-token")
+    kwargs = {"url": server + "/auth", "headers": headers, "retries": 0}
+    spec = RewardSpec("judge", "remote", kwargs=kwargs)
+    assert spec.fn(["q"], ["4"], answer=["4"]) == [1.0]  # the server checked the resolved header
+    assert spec.kwargs["headers"] == headers  # the config keeps the reference, not the token
+    direct = RemoteReward(server + "/auth", headers=headers, retries=0)  # the Python API too
+    assert direct(["q"], ["5"], answer=["4"]) == [0.0]
+
+
 # ---------------------------------------------------------------------------- user functions
 
 
@@ -436,3 +538,10 @@ def test_user_function_from_file_and_module(tmp_path):
         rewards.get(f"{path}:missing")
     with pytest.raises(FileNotFoundError):
         rewards.get(f"{tmp_path}/nope.py:f")
+
+
+def test_number_match_scores_the_last_number_against_the_gold():
+    fn = rewards.get("number_match")
+    got = fn(["p"] * 5, ["12 + 7 = 19", "It is 1,234.", "about 5 or 6", "no number", "x"],
+             answer=["19", "#### 1,234", "5", "3", None])
+    assert got == [1.0, 1.0, 0.0, 0.0, None]

@@ -28,7 +28,7 @@ REQUIRED = ["reward", "reward/digit_share/mean", "reward/math_accuracy/mean", "a
 
 def _cfg(tmp_path, model_dir, *extra):
     return load_config(RLConfig, None, [
-        f"model.name={model_dir}", f"train.output_dir={tmp_path / 'run'}", "train.steps=3", "data.train_size=40",
+        f"model.name={model_dir}", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=3", "data.train_size=40",
         "data.eval_size=8", "rollout.prompts_per_step=4", "rollout.n=4", "rollout.max_new_tokens=8",
         "rollout.temperature=1.0", "log.progress=false", "rollout.num_threads=1", "train.num_threads=1",
         "train.lr=1e-2", "peft.r=8", "algorithm.params={kl_coef: 0.05}",
@@ -154,7 +154,7 @@ def test_dead_rollout_worker_is_restarted_and_the_step_completes(tmp_path):
     import ray
 
     model_dir = save_tiny_model(tmp_path / "tiny")
-    run = rl.RLRun(_cfg(tmp_path, model_dir, "train.debug=false", "train.steps=3"))
+    run = rl.RLRun(_cfg(tmp_path, model_dir, "train.debug=false", "train.max_steps=3"))
     try:
         run.step()
         ray.kill(run.engines.workers[0], no_restart=False)
@@ -280,3 +280,52 @@ def test_several_rollout_engines_share_a_batch_in_prompt_order(tmp_path):
         assert same_prompt[0] != same_prompt[1]  # engines 0 and 2: different noise for one prompt
     finally:
         run.close()
+
+
+def test_dapo_finishes_when_nine_groups_in_ten_have_zero_variance(tmp_path):
+    """Dynamic sampling refills with whole fresh batches and, at its round cap, trains on what it has."""
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    out = rl.run(_cfg(tmp_path, model_dir, "train.debug=true", "algorithm.name=dapo", "algorithm.params={max_gen_rounds: 3}",
+                      "reward.functions=[{name: tests/rl_rewards.py:rare_variance}]", "reward.accuracy=null",
+                      "train.eval_before=false"))
+    hist = out["history"]
+    assert len(hist) == 3
+    assert max(h["zero_std_frac"] for h in hist) >= 0.5
+    assert all(h["gen_rounds"] <= 3 for h in hist) and any(h["gen_rounds"] > 1 for h in hist)
+    assert all(h["samples_generated"] == 16 * h["gen_rounds"] for h in hist)  # whole batches of 4 prompts x 4
+
+
+@pytest.mark.parametrize("dtype,tiny_gap", [("float32", True), ("bfloat16", False)])
+def test_engine_learner_mismatch_is_measured(tmp_path, dtype, tiny_gap):
+    """The engine's logprobs are kept and compared with the learner's every step: float noise for an
+    fp32 HF engine, clearly more for a bf16 one (whose run turns TIS on by default)."""
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    cfg = _cfg(tmp_path, model_dir, "train.debug=true", f"rollout.dtype={dtype}", "train.max_steps=2",
+               "algorithm.params={}", "train.eval_before=false")
+    out = rl.run(cfg)
+    gap = [h["rollout/logprob_diff_abs"] for h in out["history"]]
+    assert all(g < 1e-4 for g in gap) if tiny_gap else all(g > 1e-4 for g in gap), gap
+    assert ("rollout/is_weight_mean" in out["history"][-1]) == (not tiny_gap)  # auto: TIS only where they differ
+
+
+def test_chat_templated_prompts_get_one_bos(tmp_path):
+    """A Llama-3-style template writes the BOS itself: prompts are tokenised once, without adding
+    special tokens again, and the engines generate from exactly those ids."""
+    from tokenizers.processors import TemplateProcessing
+
+    from align.tiny import CHAT_TEMPLATE, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    bos = "<|endoftext|>"
+    tok.bos_token = bos
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.convert_tokens_to_ids(bos))])
+    tok.chat_template = "{{ bos_token }}" + CHAT_TEMPLATE
+    assert tok("x")["input_ids"][0] == tok.bos_token_id  # the tokenizer adds a BOS by default
+    cfg = _cfg(tmp_path, "unused", "data.train_size=4", "data.eval_size=2")
+    train, _ = rl.load_prompts(cfg, tok)
+    for row in train:
+        assert row["ids"][:2].count(tok.bos_token_id) == 1, row["ids"][:3]
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    worker = RolloutWorker("hf", str(model_dir), num_threads=1)
+    samples, _, _ = worker.generate([train[0]["text"]], SamplingParams(max_new_tokens=2, seed=0), 0, None, [train[0]["ids"]])
+    assert samples[0].prompt_ids == train[0]["ids"]

@@ -1,5 +1,6 @@
 """The reward-model stage on a tiny model: held-out pairwise accuracy rises on a learnable set,
 the HH-RLHF transcript shape splits at the shared prompt, and the saved model scores as a reward."""
+import json
 import random
 
 import pytest
@@ -130,5 +131,27 @@ def test_pair_rows_missing_fields_are_named():
     from align.data import DataError
 
     _, tok = tiny_model()
-    with pytest.raises(DataError, match=r"row 0: missing field\(s\) \['rejected'\]"):
+    with pytest.raises(DataError, match=r"data row 1: missing or empty field\(s\) \['rejected'\]"):
         encode_pairs([{"prompt": "a", "chosen": "b"}], DataConfig(), tok)
+    with pytest.raises(DataError, match=r"row 2: missing or empty field\(s\) \['chosen'\]"):
+        encode_pairs([{"chosen": "a", "rejected": "b"}, {"chosen": None, "rejected": "b"}], DataConfig(), tok)
+
+
+def test_rm_stage_names_the_file_line_fields_and_shapes_of_a_bad_row(tmp_path):
+    """A row without 'rejected' on line 5 of the file (after a blank line and an eval split that
+    reorders rows) is reported by file and line, with the missing field and the accepted shapes."""
+    from align.data import DataError
+
+    rows = _pairs(6, 0)
+    path = tmp_path / "pairs.jsonl"
+    lines = [json.dumps(r) for r in rows[:3]] + [""] + [json.dumps({"prompt": "q", "chosen": "a", "answer": "b"})]
+    path.write_text("\n".join(lines + [json.dumps(r) for r in rows[3:]]) + "\n")
+    cfg = load_config(rm.RMConfig, None, [f"data.path={path}", f"train.output_dir={tmp_path / 'run'}",
+                                          "log.progress=false", "data.eval_fraction=0.3"])
+    model, tok = _score_model()
+    with pytest.raises(DataError) as info:
+        rm.run(cfg, model, tok)
+    msg = str(info.value)
+    assert f"{path}:5: missing or empty field(s) ['rejected']" in msg, msg
+    assert "{'prompt': ..., 'chosen': ..., 'rejected': ...}" in msg and "whole transcripts" in msg
+    assert "this row has: ['answer', 'chosen', 'prompt']" in msg

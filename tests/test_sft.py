@@ -154,7 +154,7 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, sft_rows):
 def test_row_without_required_fields_names_them(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "only"}])
     model, tok = tiny_model()
-    with pytest.raises(DataError, match=r"row 1: missing field\(s\) \['completion'\]"):
+    with pytest.raises(DataError, match=r"d.jsonl:2: missing or empty field\(s\) \['completion'\]"):
         sft.run(_cfg(tmp_path, path), model, tok)
 
 
@@ -180,6 +180,34 @@ def test_overlong_examples_are_truncated_or_skipped_and_counted(tmp_path):
     assert len(out) == 1 and stats.skipped == 2 and stats.reasons == {"too long": 2}
     with pytest.raises(DataError, match="no usable example"):
         encode_sft(rows[2:], DataConfig(max_length=40), tok)
+
+
+def test_rows_without_the_needed_fields_are_named_with_file_line_and_shapes(tmp_path, sft_rows):
+    """The issue's case: rows in another shape stop the run naming the file, the 1-based line (blank
+    lines counted), the missing fields and the shapes SFT accepts, not 'no usable example left'."""
+    path = tmp_path / "d.jsonl"
+    lines = [json.dumps(r) for r in sft_rows[:3]] + ["", json.dumps({"question": "1 + 1?", "answer": "2"})]
+    path.write_text("\n".join(lines + [json.dumps(r) for r in sft_rows[3:]]) + "\n")
+    model, tok = tiny_model()
+    with pytest.raises(DataError) as info:
+        sft.run(_cfg(tmp_path, path, "data.eval_fraction=0.2"), model, tok)  # the split reorders rows
+    msg = str(info.value)
+    assert f"{path}:5: missing or empty field(s) ['prompt', 'completion']" in msg, msg
+    assert "{'messages': [{'role': ..., 'content': ...}, ...]} or {'prompt': ..., 'completion': ...}" in msg
+    assert "this row has: ['answer', 'question']" in msg and "no usable example" not in msg
+
+
+def test_null_or_empty_fields_are_missing_and_null_columns_are_absent():
+    from align.config import DataConfig
+    from align.data import encode_sft
+
+    _, tok = tiny_model()
+    for bad in ({"prompt": "hi", "completion": None}, {"prompt": "hi", "completion": ""}, {"prompt": None, "completion": "x"}):
+        with pytest.raises(DataError, match=r"data row 2: missing or empty field"):
+            encode_sft([{"prompt": "a", "completion": "b"}, bad], DataConfig(template="none"), tok)
+    # Parquet and `datasets` rows carry every column, None where a row has none: not a conversation
+    (ex,), _ = encode_sft([{"messages": None, "prompt": "a", "completion": "b"}], DataConfig(), tok)
+    assert sum(ex.loss_mask) > 0
 
 
 def test_missing_model_path_is_named():

@@ -17,7 +17,7 @@ from align.tiny import save_tiny_model
 
 def _cfg(out, model_dir, *extra):
     return load_config(RLConfig, None, [
-        f"model.name={model_dir}", f"train.output_dir={out}", "train.steps=2", "data.train_size=40",
+        f"model.name={model_dir}", f"train.output_dir={out}", "train.max_steps=2", "data.train_size=40",
         "data.eval_size=4", "rollout.prompts_per_step=4", "rollout.n=2", "rollout.max_new_tokens=6",
         "rollout.temperature=1.0", "log.progress=false", "rollout.num_threads=1", "train.num_threads=1",
         "train.lr=1e-2", "peft.r=8", "reward.functions=[{name: tests/rl_rewards.py:digit_share}]",

@@ -1,0 +1,38 @@
+"""Exact numeric answers without math-verify: 1.0 when the last number of the completion equals the
+gold's, as lm-evaluation-harness's GSM8K "flexible-extract" scores them.
+
+For machines without math-verify (the bare GPU machine of `examples/gpu_check.py`) and for tasks
+whose answers are plain numbers; `math_accuracy` is the general check (LaTeX, fractions, sets).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from rewards.math_accuracy import normalize_gold
+from rewards.registry import register
+
+_NUMBER = re.compile(r"[-+]?\d+(?:,\d{3})*(?:\.\d+)?")
+
+
+def _last_number(text: str) -> float | None:
+    """The last number in `text` ("1,234" -> 1234.0), or None."""
+    found = _NUMBER.findall(text)
+    return float(found[-1].replace(",", "")) if found else None
+
+
+@register("number_match")
+def number_match(answer_field: str = "answer"):
+    """1.0 when the completion's last number equals the gold's (the `answer_field` column, GSM8K's
+    '#### 18' understood), 0.0 when not, None when the gold holds no number."""
+
+    def score(prompts: list[str], completions: list[str], **columns: Any) -> list[float | None]:
+        golds = columns.get(answer_field) or [None] * len(completions)
+        out: list[float | None] = []
+        for gold, text in zip(golds, completions):
+            want = _last_number(normalize_gold(gold) or "")
+            got = _last_number(text)
+            out.append(None if want is None else float(got is not None and abs(got - want) < 1e-9))
+        return out
+
+    return score
