@@ -126,6 +126,13 @@ class DataParallel(Placed):
     engine: Any = None  # the DeepSpeed engine under ZeRO
     rank: int = 0  # this learner's rank in its process group
 
+    def _setup(self, seed: int, num_threads: int, device: str, amp: str, zero_stage: int, zero_offload: bool) -> None:
+        """What every learner does first: threads, seed, device, precision and ZeRO settings."""
+        set_threads(num_threads)
+        torch.manual_seed(seed)
+        self.device = worker_device(device)
+        self.amp, self.zero_stage, self.zero_offload = amp, zero_stage, zero_offload
+
     def rendezvous(self) -> tuple[str, int]:
         """(address, port) for the group's rendezvous, asked of rank 0: its node's address and a
         port free there, so learners on other machines can reach it."""
@@ -279,11 +286,7 @@ class PolicyLearner(DataParallel):
                  temperature: float = 1.0, micro_batch_size: int = 8, seed: int = 0, num_threads: int = 0,
                  model: torch.nn.Module | None = None, amp: str = "none", zero_stage: int = 0,
                  zero_offload: bool = False, device: str = "auto"):
-        set_threads(num_threads)
-        torch.manual_seed(seed)
-        self.device = worker_device(device)
-        self.amp = amp
-        self.zero_stage, self.zero_offload = zero_stage, zero_offload
+        self._setup(seed, num_threads, device, amp, zero_stage, zero_offload)
         if peft_cfg.method in ("prefix", "prompt", "ptuning", "bitfit"):
             raise ValueError(f"peft.method={peft_cfg.method} changes the model's structure in a way no rollout "
                              "engine can serve yet; RL takes full, freeze, lora, qlora, dora, adalora or ia3")
@@ -403,11 +406,7 @@ class CriticLearner(DataParallel):
                  max_grad_norm: float = 1.0, micro_batch_size: int = 8, seed: int = 0, num_threads: int = 0,
                  model: torch.nn.Module | None = None, amp: str = "none", zero_stage: int = 0,
                  zero_offload: bool = False, device: str = "auto"):
-        set_threads(num_threads)
-        torch.manual_seed(seed)
-        self.device = worker_device(device)
-        self.amp = amp
-        self.zero_stage, self.zero_offload = zero_stage, zero_offload
+        self._setup(seed, num_threads, device, amp, zero_stage, zero_offload)
         if model is None:
             model = load_causal_lm(model_cfg, quantization_config(peft_cfg, model_cfg), head="token")
         self.model = _place(apply_tuning(model, peft_cfg, total_steps=total_steps, task_type="TOKEN_CLS",

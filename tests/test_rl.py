@@ -163,6 +163,9 @@ def test_dead_rollout_worker_is_restarted_and_the_step_completes(tmp_path):
         version = ray.get(run.engines.workers[0].generate.remote(["hi"], rl._sampling(
             run.cfg.rollout, n=1, temperature=0.0, seed=0)))[2]
         assert version == run.version
+        ray.kill(run.engines.workers[0], no_restart=True)  # now past its restarts
+        with pytest.raises(rl.RolloutWorkerDied, match="rollout worker died and used up its train.max_actor_restarts"):
+            run.step()
     finally:
         run.close()
 
@@ -329,3 +332,19 @@ def test_chat_templated_prompts_get_one_bos(tmp_path):
     worker = RolloutWorker("hf", str(model_dir), num_threads=1)
     samples, _, _ = worker.generate([train[0]["text"]], SamplingParams(max_new_tokens=2, seed=0), 0, None, [train[0]["ids"]])
     assert samples[0].prompt_ids == train[0]["ids"]
+
+
+def test_a_nonfinite_critic_update_is_skipped_and_counted(tmp_path):
+    from align.learners import CriticLearner
+
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    exp = rollout_batch(model_dir)
+    exp.values = torch.zeros(exp.action_mask.shape)
+    exp.returns = torch.full(exp.action_mask.shape, float("nan"))  # a NaN target: NaN loss and gradient
+    critic = CriticLearner(ModelConfig(name=str(model_dir)), PeftConfig(method="lora", r=8), 1e-2, 3, num_threads=1)
+    before = {n: p.detach().clone() for n, p in critic.model.named_parameters() if p.requires_grad}
+    m = critic.update(exp, algorithms.get("ppo"))
+    assert m["critic/skipped_updates"] == 1
+    for n, p in critic.model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, before[n]), n  # the update was not applied
