@@ -176,11 +176,11 @@ def test_nonfinite_updates_are_skipped_counted_and_stop_the_run(tmp_path):
     learner = run.learner.workers[0]
     original = learner.backward
 
-    def poisoned(mini, loss_fn, sums):  # a NaN loss, as an overflow would give
+    def poisoned(mini, loss_fn, sums, correction=None):  # a NaN loss, as an overflow would give
         def nan_loss(**kw):
             loss, m = loss_fn(**kw)
             return loss * float("nan"), m
-        return original(mini, nan_loss, sums)
+        return original(mini, nan_loss, sums, correction)
 
     try:
         before = {n: p.detach().clone() for n, p in learner.model.named_parameters() if p.requires_grad}
