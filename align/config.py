@@ -106,7 +106,7 @@ class TrainConfig:
     resume: bool = False  # continue from the newest complete checkpoint in output_dir
     num_threads: int = 0  # torch threads for this process (0 = all cores)
     device: Literal["auto", "cuda", "cpu"] = "auto"  # where the model and batches go: auto = the GPU of this process (LOCAL_RANK under torchrun) where there is one
-    autocast: Literal["none", "bfloat16"] = "none"  # forward/backward in bf16 autocast (about 3x faster on AVX512-BF16 CPUs)
+    autocast: Literal["none", "bfloat16", "auto"] = "none"  # forward/backward in bf16 autocast; auto = where the device computes bf16 fast (3x faster with AMX / AVX512-BF16, 3x slower without)
     save_merged: bool = False  # final/: merged plain model instead of the adapter
 
 

@@ -13,8 +13,11 @@ first visible GPU is the actor's; under torchrun `LOCAL_RANK` picks one GPU per 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import re
 import socket
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -80,14 +83,46 @@ def supports_bf16(device: torch.device) -> bool:
     return device.type != "cuda" or torch.cuda.is_bf16_supported()
 
 
-def autocast(device: torch.device | str, mode: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on `device` for `mode="bfloat16"`, a no-op context for "none". Losses and
-    log-probs stay float32 (callers cast logits with `.float()`)."""
+@functools.lru_cache(maxsize=None)
+def _cpu_has_bf16_units() -> bool:
+    """Whether this CPU has bf16 matrix instructions (x86 AMX-BF16 / AVX512-BF16, Linux flags)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap way to tell, so assume emulation (the safe, fp32 side)
+        return False
+    return bool(re.search(r"\b(amx_bf16|avx512_bf16)\b", flags))
+
+
+def fast_bf16(device: torch.device | str) -> bool:
+    """Whether bf16 computes faster than fp32 on `device`: GPUs from Ampere on, CPUs with bf16
+    units. Elsewhere bf16 is emulated: on an AVX512 CPU without them a bf16 matmul took 3x an
+    fp32 one, which is why the presets say "auto" rather than "bfloat16"."""
     device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
+    return device.type == "cpu" and _cpu_has_bf16_units()
+
+
+def resolve_autocast(mode: str, device: torch.device | str) -> str:
+    """"auto" -> "bfloat16" where `fast_bf16(device)`, else "none"; other modes unchanged."""
+    return ("bfloat16" if fast_bf16(device) else "none") if mode == "auto" else mode
+
+
+def resolve_dtype(dtype: str, device: torch.device | str) -> str:
+    """A config's engine dtype: "auto" -> "bfloat16" where `fast_bf16(device)`, else "float32"
+    (an engine given "auto" directly keeps the checkpoint's dtype, as transformers does)."""
+    return ("bfloat16" if fast_bf16(device) else "float32") if dtype == "auto" else dtype
+
+
+def autocast(device: torch.device | str, mode: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on `device` for `mode="bfloat16"` (or "auto" where bf16 is fast there), a
+    no-op context for "none". Losses and log-probs stay float32 (callers cast logits with `.float()`)."""
+    device = torch.device(device)
+    mode = resolve_autocast(mode, device)
     if mode == "none":
         return contextlib.nullcontext()
     if mode != "bfloat16":
-        raise DeviceError(f"autocast {mode!r}: use 'none' or 'bfloat16'")
+        raise DeviceError(f"autocast {mode!r}: use 'none', 'bfloat16' or 'auto'")
     if not supports_bf16(device):
         raise DeviceError(f"{device} has no bf16 support: set train.autocast=none")
     return torch.autocast(device.type, dtype=torch.bfloat16)

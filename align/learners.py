@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from align.config import ModelConfig, PeftConfig
-from align.device import HOST, autocast, dist_backend, free_port, node_ip, to_host, worker_device
-from align.logprobs import logprobs_in_chunks, token_logprobs, trim
+from align.device import HOST, autocast, dist_backend, free_port, node_ip, resolve_autocast, to_host, worker_device
+from align.logprobs import logprobs_in_chunks, micro_batches, sequence_logprobs, trim
 from align.models import load_causal_lm, set_threads
 from align.placement import Placed
 from align.tuning import after_backward_hook, apply_tuning, is_peft, quantization_config, trainable_state_dict
@@ -131,7 +131,7 @@ class DataParallel(Placed):
         set_threads(num_threads)
         torch.manual_seed(seed)
         self.device = worker_device(device)
-        self.amp, self.zero_stage, self.zero_offload = amp, zero_stage, zero_offload
+        self.amp, self.zero_stage, self.zero_offload = resolve_autocast(amp, self.device), zero_stage, zero_offload
 
     def rendezvous(self) -> tuple[str, int]:
         """(address, port) for the group's rendezvous, asked of rank 0: its node's address and a
@@ -285,8 +285,10 @@ class PolicyLearner(DataParallel):
                  weight_decay: float = 0.0, warmup_steps: int = 0, max_grad_norm: float = 1.0,
                  temperature: float = 1.0, micro_batch_size: int = 8, seed: int = 0, num_threads: int = 0,
                  model: torch.nn.Module | None = None, amp: str = "none", zero_stage: int = 0,
-                 zero_offload: bool = False, device: str = "auto"):
+                 zero_offload: bool = False, device: str = "auto", micro_batch_tokens: int = 0,
+                 packing: bool = False):
         self._setup(seed, num_threads, device, amp, zero_stage, zero_offload)
+        self.tokens, self.packing = micro_batch_tokens, packing  # micro-batch plan (align.logprobs.micro_batches)
         if peft_cfg.method in ("prefix", "prompt", "ptuning", "bitfit"):
             raise ValueError(f"peft.method={peft_cfg.method} changes the model's structure in a way no rollout "
                              "engine can serve yet; RL takes full, freeze, lora, qlora, dora, adalora or ia3")
@@ -312,12 +314,14 @@ class PolicyLearner(DataParallel):
         out = {}
         with autocast(self.device, self.amp):
             if old:
-                out["old_logprobs"] = logprobs_in_chunks(self.net, exp, self.micro, self.temperature)
+                out["old_logprobs"] = logprobs_in_chunks(self.net, exp, self.micro, self.temperature,
+                                                         self.tokens, self.packing)
             if ref:
                 if not is_peft(self.model):
                     raise RuntimeError("reference logprobs of a non-PEFT policy come from a ReferenceWorker")
                 with self.model.disable_adapter():
-                    out["ref_logprobs"] = logprobs_in_chunks(self.net, exp, self.micro, self.temperature)
+                    out["ref_logprobs"] = logprobs_in_chunks(self.net, exp, self.micro, self.temperature,
+                                                             self.tokens, self.packing)
         self.model.train()
         return to_host(out)
 
@@ -331,12 +335,10 @@ class PolicyLearner(DataParallel):
 
         mini = mini.to(self.device)
         counts = self._global_counts(normalizers(mini.action_mask))
-        micro = list(mini.split(self.micro))
-        for k, mb in enumerate(micro):
-            mb = trim(mb)
+        micro = micro_batches(mini, self.micro, self.tokens, self.packing)
+        for k, (_, mb) in enumerate(micro):
             with autocast(self.device, self.amp):
-                lp, ent = token_logprobs(self.net, mb.input_ids, mb.attention_mask, mb.prompt_len,
-                                         self.temperature, with_entropy=True)
+                lp, ent = sequence_logprobs(self.net, mb, self.temperature, self.packing, with_entropy=True)
             fields = {k: v for k, v in mb.tensors().items() if k not in ("input_ids", "attention_mask")}
             loss, metrics = loss_fn(logprobs=lp, **fields, **counts, **(correction or {}))
             self._backward(loss, boundary=k == len(micro) - 1)

@@ -99,14 +99,84 @@ def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
     return full, ent_full
 
 
-def trim(exp: Experience) -> Experience:
-    """Drop trailing columns that are padding in every row (a micro-batch of short completions)."""
+def packed_token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_len: int,
+                          temperature: float = 1.0, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """`token_logprobs` with no padding computed: the rows' real tokens run as one sequence whose
+    position ids restart at each row, which transformers turns into varlen attention
+    (flash_attention_2) or a block-diagonal mask (sdpa, eager). Same (B, T) layout and numbers.
+    Models whose head is not plain (`fast_head`) and ZeRO-3 take the padded path."""
+    inner = getattr(model, "module", model)
+    if not fast_head(inner) or hasattr(inner.get_output_embeddings().weight, "ds_id"):
+        return token_logprobs(model, input_ids, attention_mask, prompt_len, temperature, with_entropy)
+    B, T = input_ids.shape
+    real = attention_mask.bool()  # (B, T): each row's real tokens are one contiguous run
+    lengths = real.sum(1)  # (B,)
+    starts = real.int().argmax(1)  # (B,) first real column of each row
+    offsets = lengths.cumsum(0) - lengths  # (B,) where each row begins in the packed sequence
+    position_ids = torch.cat([torch.arange(int(n), device=input_ids.device) for n in lengths])  # (N,)
+    wanted = real.clone()
+    wanted[:, :prompt_len] = False  # completion tokens only
+    rows, cols = wanted.nonzero(as_tuple=True)  # (M,) each
+    before = offsets[rows] + cols - starts[rows] - 1  # (M,) packed index of the token before each target
+    out = model(input_ids=input_ids[real][None], position_ids=position_ids[None], use_cache=False,
+                output_hidden_states=True, logits_to_keep=1)
+    hidden = out.hidden_states[-1][0, before]  # (M, H)
+    lp, ent = head_logprobs(inner.get_output_embeddings(), hidden, input_ids[rows, cols], temperature, with_entropy)
+    full = torch.zeros((B, T), dtype=lp.dtype, device=lp.device).index_put((rows, cols), lp)
+    if not with_entropy:
+        return full, None
+    return full, torch.zeros((B, T), dtype=ent.dtype, device=ent.device).index_put((rows, cols), ent)
+
+
+def plan_micro_batches(lengths: list[int], max_rows: int, max_tokens: int = 0, packed: bool = False) -> list[list[int]]:
+    """Row indices of each micro-batch. Without a token budget: consecutive runs of `max_rows`.
+    With one (`max_tokens` > 0): rows longest first, cut so that each micro-batch computes at most
+    `max_tokens` tokens (real ones when `packed`, rows x longest row when padded), so that similar
+    lengths share a micro-batch and little padding is computed; a row longer than the budget goes alone."""
+    n = len(lengths)
+    if max_tokens <= 0:
+        return [list(range(i, min(i + max_rows, n))) for i in range(0, n, max_rows)]
+    plans: list[list[int]] = []
+    cur: list[int] = []
+    longest = total = 0
+    for i in sorted(range(n), key=lambda k: -lengths[k]):
+        cost = total + lengths[i] if packed else max(longest, lengths[i]) * (len(cur) + 1)
+        if cur and cost > max_tokens:
+            plans.append(cur)
+            cur, longest, total = [], 0, 0
+        cur.append(i)
+        longest, total = max(longest, lengths[i]), total + lengths[i]
+    return plans + [cur] if cur else plans
+
+
+def trim(exp: Experience, left: bool = False) -> Experience:
+    """Drop trailing columns that are padding in every row (a micro-batch of short completions)
+    and, with `left`, leading ones too (short prompts; `prompt_len` moves with them)."""
     used = exp.attention_mask.any(0).nonzero()
     last = int(used[-1]) + 1 if len(used) else exp.prompt_len + 1
-    if last >= exp.input_ids.shape[1]:
+    first = min(int(used[0]), exp.prompt_len - 1) if left and len(used) else 0
+    if last >= exp.input_ids.shape[1] and first == 0:
         return exp
-    return Experience(**{k: (v[:, :last] if v.dim() == 2 else v) for k, v in exp.tensors().items()},
-                      prompt_len=exp.prompt_len)
+    return Experience(**{k: (v[:, first:last] if v.dim() == 2 else v) for k, v in exp.tensors().items()},
+                      prompt_len=exp.prompt_len - first)
+
+
+def micro_batches(exp: Experience, rows: int, tokens: int = 0, packed: bool = False) -> list[tuple[Tensor, Experience]]:
+    """(row indices, micro-batch trimmed of all-padding columns) pairs that cover `exp`, planned by
+    `plan_micro_batches`: `rows` rows each, or a budget of `tokens` tokens (real ones when `packed`)."""
+    plans = plan_micro_batches(exp.attention_mask.sum(1).tolist(), rows, tokens, packed)
+    out = []
+    for plan in plans:
+        idx = torch.tensor(plan, dtype=torch.long)
+        out.append((idx, trim(exp.index(idx), left=True)))
+    return out
+
+
+def sequence_logprobs(model: torch.nn.Module, mb: Experience, temperature: float, packed: bool,
+                      with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """`token_logprobs` of a micro-batch, packed (`packed_token_logprobs`) or padded."""
+    fn = packed_token_logprobs if packed else token_logprobs
+    return fn(model, mb.input_ids, mb.attention_mask, mb.prompt_len, temperature, with_entropy)
 
 
 def pad_to(x: Tensor, T: int) -> Tensor:
@@ -114,13 +184,14 @@ def pad_to(x: Tensor, T: int) -> Tensor:
     return F.pad(x, (0, T - x.shape[1])) if x.shape[1] < T else x
 
 
-def logprobs_in_chunks(model: torch.nn.Module, exp: Experience, micro: int, temperature: float) -> Tensor:
-    """(B, T) token logprobs of `exp` without gradients, `micro` rows at a time (on `exp`'s device)."""
-    T = exp.input_ids.shape[1]
-    out = []
+def logprobs_in_chunks(model: torch.nn.Module, exp: Experience, micro: int, temperature: float,
+                       tokens: int = 0, packed: bool = False) -> Tensor:
+    """(B, T) token logprobs of `exp` without gradients, in micro-batches of `micro` rows (or a
+    budget of `tokens` tokens, packed or padded: `micro_batches`), on `exp`'s device."""
+    out = torch.zeros(exp.input_ids.shape, dtype=torch.float32, device=exp.input_ids.device)
     with torch.no_grad():
-        for mb in exp.split(micro):
-            mb = trim(mb)
-            lp, _ = token_logprobs(model, mb.input_ids, mb.attention_mask, mb.prompt_len, temperature)
-            out.append(pad_to(lp, T))
-    return torch.cat(out)
+        for idx, mb in micro_batches(exp, micro, tokens, packed):
+            lp, _ = sequence_logprobs(model, mb, temperature, packed)
+            left = exp.prompt_len - mb.prompt_len  # columns trimmed on the left
+            out[idx.to(out.device), left:left + lp.shape[1]] = lp.float()
+    return out

@@ -26,7 +26,7 @@ from algorithms.preference import preference_names
 from align import actors, checkpoint, placement
 from align.actors import ActorGroup
 from align.config import save_config, to_dict
-from align.device import use_gpus
+from align.device import resolve_dtype, use_gpus
 from align.experience import build_experience
 from align.models import load_tokenizer, resolve_model, set_threads
 from align.rl_config import RLConfig
@@ -120,8 +120,9 @@ class RLRun:
             online = preference_names(pairwise=True)
             if cfg.algorithm.name not in online:
                 raise ValueError(f"algorithm {cfg.algorithm.name!r} cannot run online; use {', '.join(online)}")
-            if cfg.algorithm.micro_batch_size % 2:
-                raise ValueError("online preference pairs need an even algorithm.micro_batch_size")
+            if cfg.algorithm.micro_batch_size % 2 or cfg.algorithm.micro_batch_tokens:
+                raise ValueError("online preference pairs need an even algorithm.micro_batch_size and no "
+                                 "algorithm.micro_batch_tokens (a pair's two rows share a micro-batch)")
             self.algo = OnlinePairs(self.algo)
         r, res = cfg.rollout, cfg.resources
         self.sampling = _sampling(r, n=r.n, temperature=r.temperature, seed=cfg.train.seed)
@@ -136,7 +137,16 @@ class RLRun:
         path = model if model is not None else resolve_model(cfg.model.name)
         self.merged_sync = merged_lora_sync(r, path, self.use_gpus)
         self.sleep_engines = self.use_gpus and res.colocate and res.sleep_engines
-        self.correction = {"rollout_correction": rollout_correction(cfg, path), "correction_cap": cfg.algorithm.correction_cap}
+        # one-step-off-policy generation: "auto" = where engines have GPUs of their own (on shared
+        # devices the engine and the learner would only take turns on the same hardware)
+        self.overlap = r.pipeline == "one-step-off" or (r.pipeline == "auto" and self.use_gpus and not res.colocate)
+        if self.overlap and self.sleep_engines:
+            raise ValueError("rollout.pipeline=one-step-off needs awake engines while the learners train: set "
+                             "resources.sleep_engines=false or resources.colocate=false")
+        self.prefetched: dict | None = None  # the next step's generation, launched during this step's update
+        self.prefetch_stream = (0, 0)  # the prompt stream's position before that launch (what a checkpoint keeps)
+        self.correction = {"rollout_correction": rollout_correction(cfg, path, self.use_gpus, self.overlap),
+                           "correction_cap": cfg.algorithm.correction_cap}
         self.engines = ActorGroup(RolloutWorker, r.num_engines, r.backend, path, self.tokenizer if model is not None else None,
                                   enable_lora=not self.merged_sync,
                                   dtype=r.dtype, num_threads=r.num_threads, seed=cfg.train.seed,
@@ -153,6 +163,7 @@ class RLRun:
                       zero_stage=t.zero_stage, zero_offload=t.zero_offload, device=res.device)
         self.learner = ActorGroup(PolicyLearner, n_learners, cfg.model, cfg.peft, t.lr, t.max_steps,
                                   weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, temperature=r.temperature,
+                                  micro_batch_tokens=cfg.algorithm.micro_batch_tokens, packing=cfg.algorithm.packing,
                                   model=model, placement=self._slots("learner"), **common)
         self.reference = None
         if roles["reference"]:
@@ -212,35 +223,38 @@ class RLRun:
     # -------------------------------------------------------------------- generate + score
     def generate(self, rows: list[dict], sampling: Any, group_offset: int) -> tuple[list[Sample], float]:
         """Samples for `rows`, spread over the engines; returns them and the slowest engine's seconds."""
+        return self._collect(self._launch(rows, sampling, group_offset))
+
+    def _launch(self, rows: list[dict], sampling: Any, group_offset: int) -> dict[str, Any]:
+        """Ask the engines for samples of `rows` without waiting (rows i, i+n, ... to engine i, each
+        engine its own noise); `_collect` gets them. The handle remembers the weights version asked."""
         n = len(self.engines)
         parts = [rows[i::n] for i in range(n)]
-        refs, offsets = [], []
-        # each engine its own noise
         per_engine = [dataclasses.replace(sampling, seed=sampling.seed + 7919 * i)
                       if sampling.seed is not None and n > 1 else sampling for i in range(n)]
-        for i, part in enumerate(parts):
-            if part:
-                # rows i, i+n, ... go to engine i; group ids are assigned after, in row order
-                refs.append(self.engines.call(i, "generate", [p["text"] for p in part], per_engine[i], 0,
-                                              [p["columns"] for p in part], [p["ids"] for p in part]))
-                offsets.append(i)
-        results = self._engine_get(refs)
-        for j, (i, (_, _, version)) in enumerate(zip(offsets, results)):
-            if version != self.version:  # the worker died and Ray restarted it: re-sync, re-ask
+        calls = {i: (self.engines, i, [p["text"] for p in part], per_engine[i], 0, [p["columns"] for p in part],
+                     [p["ids"] for p in part]) for i, part in enumerate(parts) if part}
+        refs = [self.engines.call(i, "generate", *args[2:]) for i, args in calls.items()]
+        return {"refs": refs, "calls": calls, "rows": len(rows), "n": sampling.n, "offset": group_offset,
+                "version": self.version}
+
+    def _collect(self, handle: dict[str, Any]) -> tuple[list[Sample], float]:
+        """The samples of a `_launch`, group ids in row order, and the slowest engine's seconds."""
+        results = self._engine_get(handle["refs"])
+        for j, (i, (_, _, version)) in enumerate(zip(handle["calls"], results)):
+            if version != handle["version"]:  # the worker died and Ray restarted it: re-sync, re-ask
                 self.restarts += 1
                 self._engine_get(self.engines.call(i, "update", self._payload()))
-                results[j] = self._engine_get(self.engines.call(i, "generate", [p["text"] for p in parts[i]],
-                                                          per_engine[i], 0, [p["columns"] for p in parts[i]],
-                                                          [p["ids"] for p in parts[i]]))
-        by_row: list[list[Sample]] = [[] for _ in rows]
-        for i, (samples, _, _) in zip(offsets, results):
-            k = sampling.n
+                results[j] = self._engine_get(self.engines.call(i, "generate", *handle["calls"][i][2:]))
+        n, k = len(self.engines), handle["n"]
+        by_row: list[list[Sample]] = [[] for _ in range(handle["rows"])]
+        for i, (samples, _, _) in zip(handle["calls"], results):
             for j in range(len(samples) // k):
                 by_row[i + j * n] = samples[j * k:(j + 1) * k]
         out = []
         for r, group in enumerate(by_row):
             for s in group:
-                s.group_id = group_offset + r
+                s.group_id = handle["offset"] + r
                 out.append(s)
         return out, max(t for _, t, _ in results)
 
@@ -280,10 +294,14 @@ class RLRun:
         need, generated = cfg.rollout.prompts_per_step, []
         rng = random.Random(cfg.train.seed * 1_000_003 + self.step_no)  # DUPO's draws: the same after a resume
         while need > 0:
-            # a fresh seed per step and round (train.seed fixes the whole run): engines restore their
-            # RNG after a seeded call, so an unseeded one would draw the same noise every step
-            sampling = dataclasses.replace(self.sampling, seed=cfg.train.seed * 1_000_003 + self.step_no * 101 + round_)
-            samples, dt = self.generate(self.stream.take(need), sampling, group_offset=len(groups))
+            if self.prefetched is not None:  # launched during the previous step's update (rollout.pipeline)
+                handle, self.prefetched = self.prefetched, None
+            else:
+                handle = self._launch(self.stream.take(need), self._round_sampling(self.step_no, round_), len(groups))
+            t = time.perf_counter()
+            samples, dt = self._collect(handle)
+            times["wait_generate"] = times.get("wait_generate", 0.0) + time.perf_counter() - t
+            m.setdefault("rollout/staleness", self.version - handle["version"])  # weight versions behind the learner
             times["generate"] += dt
             t = time.perf_counter()
             m.update(self.score(samples))
@@ -292,6 +310,12 @@ class RLRun:
             groups += _groups(samples)
             sel = self.algo.select(groups, batch_groups=cfg.rollout.prompts_per_step, round=round_, rng=rng)
             need, round_ = sel.need, round_ + 1
+        if self.overlap and self.step_no + 1 < cfg.train.max_steps:
+            # one step off policy: the engines sample the next step's prompts with the weights they
+            # hold now while the learners train on this batch; the sync below queues behind it
+            self.prefetch_stream = (self.stream.epoch, self.stream.pos)
+            self.prefetched = self._launch(self.stream.take(cfg.rollout.prompts_per_step),
+                                           self._round_sampling(self.step_no + 1, 1), 0)
         if self.sleep_engines:  # colocated on GPUs: the learners get the engines' memory while they train
             self._engine_get(self.engines.run("sleep"))
         batch = [s for g in sel.groups for s in g]
@@ -350,6 +374,12 @@ class RLRun:
         m["gen_tokens_per_s"] = sum(len(s.completion_ids) for s in generated) / max(times["generate"], 1e-9)
         return m
 
+    def _round_sampling(self, step: int, round_: int) -> Any:
+        """Sampling settings of a step's generation round: a fresh seed per step and round (train.seed
+        fixes the whole run); engines restore their RNG after a seeded call, so an unseeded one
+        would draw the same noise every step."""
+        return dataclasses.replace(self.sampling, seed=self.cfg.train.seed * 1_000_003 + step * 101 + round_)
+
     # -------------------------------------------------------------------- eval, checkpoints
     def evaluate(self) -> dict[str, float]:
         """Greedy held-out accuracy (the `reward.accuracy` component) and mean reward."""
@@ -368,7 +398,8 @@ class RLRun:
         (atomic, see align.checkpoint). Weights are the same on every rank: rank 0's are kept."""
         weights = actors.get(self.learner.run("trainable_weights"))[0]
         extra = {"step": self.step_no, "learner": actors.get(self.learner.run("state")),
-                 "stream": [self.stream.epoch, self.stream.pos], "rng": checkpoint.rng_state(),
+                 "stream": list(self.prefetch_stream if self.prefetched is not None else (self.stream.epoch, self.stream.pos)),
+                 "rng": checkpoint.rng_state(),
                  "algorithm": _hyperparameters(self.algo)}  # what the run changed, e.g. PPO's adaptive beta
         if self.critic is not None:
             critic = actors.get(self.critic.run("trainable_weights"))[0]
@@ -420,16 +451,19 @@ class RolloutWorkerDied(RuntimeError):
     """A rollout worker died more often than Ray may restart it."""
 
 
-def rollout_correction(cfg: RLConfig, model: Any) -> str:
+def rollout_correction(cfg: RLConfig, model: Any, on_gpu: bool = False, overlap: bool = False) -> str:
     """The run's rollout-correction mode: `algorithm.rollout_correction`, where "auto" means TIS
-    (token-truncate) when the engine's numerics differ from the learner's (vLLM kernels, an engine
-    in another dtype, a QLoRA learner whose engine serves the dequantised base), else off."""
+    (token-truncate) when the engine's log-probs differ from the learner's: other numerics (vLLM
+    kernels, an engine in another dtype, a QLoRA learner whose engine serves the dequantised base)
+    or older weights (`overlap`: one step behind), else off."""
     mode = cfg.algorithm.rollout_correction
     if mode != "auto":
         return mode
     from rollout import resolve_backend
 
-    differs = (resolve_backend(cfg.rollout.backend, model) == "vllm" or cfg.rollout.dtype != cfg.model.dtype
+    # an "auto" dtype as the engines will resolve it (GPUs are taken to have fast bf16)
+    engine_dtype = "bfloat16" if on_gpu and cfg.rollout.dtype == "auto" else resolve_dtype(cfg.rollout.dtype, "cpu")
+    differs = (overlap or resolve_backend(cfg.rollout.backend, model) == "vllm" or engine_dtype != cfg.model.dtype
                or cfg.peft.method == "qlora")
     return "token-truncate" if differs else "off"
 

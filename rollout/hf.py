@@ -47,17 +47,29 @@ class _StopStrings:
                             dtype=torch.bool, device=input_ids.device)  # (B,)
 
 
+def _left_padded(prompt_ids: list[list[int]], P: int, pad_id: int) -> tuple[Tensor, Tensor]:
+    """(B, P) token ids and attention mask, left-padded: every row's last prompt token at P - 1."""
+    input_ids = torch.full((len(prompt_ids), P), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(prompt_ids):
+        input_ids[row, P - len(ids):] = torch.tensor(ids)
+        attention_mask[row, P - len(ids):] = 1
+    return input_ids, attention_mask
+
+
 class HFEngine:
     """`RolloutEngine` on transformers `generate` (CPU or GPU)."""
 
     def __init__(self, model: str | Path | Any, tokenizer: Any = None,
                  dtype: str | torch.dtype = "auto", num_threads: int | None = None,
-                 device: str | torch.device = "auto", max_batch_size: int = 64) -> None:
+                 device: str | torch.device = "auto", max_batch_size: int = 64,
+                 share_prefix: bool = True) -> None:
         """`model`: a checkpoint directory or a plain (not peft-wrapped) causal LM, which is copied;
         `num_threads`: torch intra-op threads for this process (set deliberately: ENVIRONMENT.md);
         `device`: what `align.device.worker_device` takes (a torch.device, or one of
         `align.device.DEVICES`; "auto" = this process's GPU if it has one, else the host);
-        `max_batch_size`: most sequences (prompts x n) per `generate` call."""
+        `max_batch_size`: most sequences (prompts x n) per `generate` call; `share_prefix`: a
+        prompt's samples share one prefill of it (its KV cache copied per sample)."""
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -78,6 +90,7 @@ class HFEngine:
         self._asleep = False
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
+        self.share_prefix = share_prefix
         eos = self.model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
@@ -121,11 +134,7 @@ class HFEngine:
                         ) -> list[tuple[list[int], list[float] | None]]:
         """Generated ids (padding stripped later) and their logprobs, one pair per row."""
         P = max(len(p) for p in prompt_ids)
-        input_ids = torch.full((len(prompt_ids), P), self.pad_id, dtype=torch.long)  # (B, P)
-        attention_mask = torch.zeros_like(input_ids)  # (B, P)
-        for row, ids in enumerate(prompt_ids):  # left padding: every row's last token is at P-1
-            input_ids[row, P - len(ids):] = torch.tensor(ids)
-            attention_mask[row, P - len(ids):] = 1
+        input_ids, attention_mask = _left_padded(prompt_ids, P, self.pad_id)  # (B, P) each
         kw: dict[str, Any] = dict(
             max_new_tokens=sampling.max_new_tokens, do_sample=not sampling.greedy,
             eos_token_id=self.eos_ids, pad_token_id=self.pad_id, return_dict_in_generate=True,
@@ -138,6 +147,10 @@ class HFEngine:
             from transformers import StoppingCriteriaList
             kw["stopping_criteria"] = StoppingCriteriaList([_StopStrings(self.tokenizer,
                                                                          sampling.stop, P)])
+        if self.share_prefix:
+            cache = self._prefill_once(prompt_ids, P)
+            if cache is not None:  # generate() then runs only the prompts' last column itself
+                kw["past_key_values"] = cache
         out = self.model.generate(input_ids=input_ids.to(self.device),
                                   attention_mask=attention_mask.to(self.device), **kw)
         gen = out.sequences[:, P:].to(HOST)  # (B, C)
@@ -150,6 +163,22 @@ class HFEngine:
                                for t, step in enumerate(out.logits)], dim=1).to(HOST)  # (B, C)
         return [(gen[b].tolist(), None if lps is None else lps[b].tolist())
                 for b in range(gen.shape[0])]
+
+    def _prefill_once(self, prompt_ids: list[list[int]], P: int) -> Any:
+        """A KV cache of the first P - 1 columns of every row, computed once per distinct prompt
+        and copied to its rows (a group's n samples share a prompt: n - 1 of n prefills saved);
+        None when no prompt repeats. Same left-padded layout and positions as generate()'s own."""
+        first: dict[tuple[int, ...], int] = {}
+        rows = [first.setdefault(tuple(p), len(first)) for p in prompt_ids]
+        if len(first) == len(prompt_ids) or P < 2:
+            return None
+        ids, mask = _left_padded([list(p) for p in first], P, self.pad_id)  # (U, P)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids[:, :-1].to(self.device), attention_mask=mask[:, :-1].to(self.device),
+                         position_ids=position_ids[:, :-1].to(self.device), use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        cache.reorder_cache(torch.tensor(rows, device=self.device))  # (U, ...) -> (B, ...): row b gets its prompt's
+        return cache
 
     def _sample(self, prompt: str, prompt_ids: list[int], ids: list[int],
                 lps: list[float] | None, sampling: SamplingParams, group_id: int,

@@ -148,6 +148,50 @@ def test_microbatch_accumulation_equals_one_batch(tmp_path):
         assert torch.allclose(one[n], parts[n], atol=1e-6, rtol=1e-4), n
 
 
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_packed_and_token_budget_micro_batches_equal_one_padded_batch(tmp_path, agg):
+    """Padding-free updates: micro-batches cut by a token budget (padded, length-sorted) and packed
+    ones (one sequence per micro-batch, position ids restarting per row) give the loss, the
+    gradients and the log-probs of the whole batch in one padded piece."""
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    learner = PolicyLearner(ModelConfig(name=str(model_dir)), PeftConfig(method="lora", r=8), lr=1e-2,
+                            total_steps=2, temperature=0.7, micro_batch_size=64, num_threads=1)
+    with torch.no_grad():
+        for n, p in learner.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    engine = RolloutWorker("hf", str(model_dir), num_threads=1)
+    samples, _, _ = engine.generate(["What is 2 + 3?", "Tom has 5 apples and 3 pears", "yes"],
+                                    SamplingParams(n=3, max_new_tokens=9, seed=4))
+    for i, s in enumerate(samples):  # completions of 3..9 tokens, as if some had stopped early
+        cut = 3 + (i * 4) % 7
+        s.completion_ids, s.logprobs, s.reward = s.completion_ids[:cut], s.logprobs[:cut], float((i * 5) % 3)
+    assert len({len(s.completion_ids) for s in samples}) > 1 and len({len(s.prompt_ids) for s in samples}) > 1
+    exp = build_experience(samples, 0)
+    algo = algorithms.get("grpo", loss_agg=agg, kl_coef=0.0)
+    exp.advantages = algo.advantages(**exp.tensors())
+    exp.old_logprobs = learner.logprobs(exp, old=True, ref=False)["old_logprobs"] + 0.05
+
+    def run(tokens, packing):
+        learner.tokens, learner.packing = tokens, packing
+        learner.optimizer.zero_grad(set_to_none=True)
+        sums = MetricSums()
+        learner.backward(exp, algo.loss, sums)
+        lp = learner.logprobs(exp, old=True, ref=False)["old_logprobs"]
+        return sums.means()["loss"], lp, {n: p.grad.clone() for n, p in learner.model.named_parameters()
+                                            if p.requires_grad}
+
+    loss, lp, grads = run(0, False)  # one padded micro-batch
+    longest = int(exp.attention_mask.sum(1).max())
+    for tokens, packing in ((2 * longest, False), (2 * longest, True), (0, True)):
+        loss2, lp2, grads2 = run(tokens, packing)
+        assert abs(loss2 - loss) < 1e-5, (tokens, packing)
+        mask = exp.action_mask.bool()
+        assert torch.allclose(lp2[mask], lp[mask], atol=1e-5), (tokens, packing)
+        for n in grads:
+            assert torch.allclose(grads2[n], grads[n], atol=1e-6, rtol=1e-4), (n, tokens, packing)
+
+
 def test_dead_rollout_worker_is_restarted_and_the_step_completes(tmp_path):
     """Kill the rollout actor between steps: Ray restarts it, the driver sees its weights version
     reset, re-syncs it and re-asks for the samples; the step completes with synced weights."""
@@ -348,3 +392,23 @@ def test_a_nonfinite_critic_update_is_skipped_and_counted(tmp_path):
     for n, p in critic.model.named_parameters():
         if p.requires_grad:
             assert torch.equal(p, before[n]), n  # the update was not applied
+
+
+def test_overlapped_generation_is_one_step_off_policy_and_corrected(tmp_path):
+    """rollout.pipeline=one-step-off: step 1 is the synchronous step exactly; from step 2 the batch was sampled
+    with the weights one update behind the learner (staleness 1: the engine's log-probs now differ
+    from the learner's) and the rollout-correction weights are applied; sync keeps staleness 0."""
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    runs = {}
+    for mode in ("sync", "one-step-off"):
+        cfg = _cfg(tmp_path / mode, model_dir, "train.debug=true", f"rollout.pipeline={mode}", "train.eval_before=false",
+                   "data.eval_size=0", "algorithm.params={kl_coef: 0.0}")
+        runs[mode] = rl.run(cfg)["history"]
+    off, on = runs["sync"], runs["one-step-off"]
+    assert [h["rollout/staleness"] for h in off] == [0, 0, 0]
+    assert [h["rollout/staleness"] for h in on] == [0, 1, 1]
+    for key in ("reward", "loss", "grad_norm", "response_length/mean"):
+        assert on[0][key] == pytest.approx(off[0][key], abs=1e-6), key
+    # fp32 HF engine: in sync the engine's log-probs are the learner's; one step behind they are not
+    assert max(h["rollout/logprob_diff_abs"] for h in off) < 1e-4
+    assert on[1]["rollout/logprob_diff_abs"] > 1e-3 and "rollout/is_weight_mean" in on[1]
