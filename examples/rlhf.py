@@ -1,7 +1,7 @@
 """RLHF from start to end: SFT on demonstrations -> reward model on preference pairs -> PPO with a
 critic against that reward model, on the embedded default model and data the project generates.
 
-    .venv/bin/python examples/rlhf.py --out runs/rlhf   # about 25 minutes on a 2-core CPU
+    .venv/bin/python examples/rlhf.py --out runs/rlhf   # about an hour in fp32 on a 2-core CPU (README)
     .venv/bin/python examples/rlhf.py --quick           # a few steps of each stage (smoke run)
     .venv/bin/python examples/rlhf.py --out runs/rlhf --rm-breakdown   # re-score a finished RM
 

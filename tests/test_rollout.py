@@ -113,6 +113,33 @@ def eos_tiny(tiny):
 
 
 # ---------------------------------------------------------------- HF engine
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_hf_shared_prefill_equals_one_prefill_per_sample(eos_tiny, temperature):
+    """A group's prompt prefilled once (its KV cache copied to the n samples) gives the samples and
+    log-probs of prefilling every sample's prompt itself, with prompts of different lengths (left
+    padding) and a prompt that appears twice."""
+    model, tok = eos_tiny
+    prompts = ["one two three four five six", "a b", "one two three four five six"]
+    sp = SamplingParams(n=3, temperature=temperature, max_new_tokens=10, seed=7)
+    shared = HFEngine(model, tok, share_prefix=True)
+    calls = []
+    real = shared.model.forward
+
+    def spy(*args, **kw):  # the prefill of the distinct prompts: (U, P - 1) columns, no cache yet
+        calls.append(tuple(kw["input_ids"].shape))
+        return real(*args, **kw)
+
+    shared.model.forward = spy
+    a = shared.generate(prompts, sp)
+    b = HFEngine(model, tok, share_prefix=False).generate(prompts, sp)
+    longest = max(len(tok(p)["input_ids"]) for p in prompts)
+    assert calls[0] == (2, longest - 1)  # two distinct prompts, prefilled once each
+    assert [x.completion_ids for x in a] == [y.completion_ids for y in b]
+    for x, y in zip(a, b):
+        if y.logprobs:
+            assert torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5)
+
+
 def test_hf_groups_finish_reasons_and_logprobs(eos_tiny):
     model, tok = eos_tiny
     engine = HFEngine(model, tok)
