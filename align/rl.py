@@ -232,9 +232,10 @@ class RLRun:
         parts = [rows[i::n] for i in range(n)]
         per_engine = [dataclasses.replace(sampling, seed=sampling.seed + 7919 * i)
                       if sampling.seed is not None and n > 1 else sampling for i in range(n)]
-        calls = {i: (self.engines, i, [p["text"] for p in part], per_engine[i], 0, [p["columns"] for p in part],
-                     [p["ids"] for p in part]) for i, part in enumerate(parts) if part}
-        refs = [self.engines.call(i, "generate", *args[2:]) for i, args in calls.items()]
+        # engine i's generate arguments, kept so that a restarted worker can be asked again
+        calls = {i: ([p["text"] for p in part], per_engine[i], 0, [p["columns"] for p in part], [p["ids"] for p in part])
+                 for i, part in enumerate(parts) if part}
+        refs = [self.engines.call(i, "generate", *args) for i, args in calls.items()]
         return {"refs": refs, "calls": calls, "rows": len(rows), "n": sampling.n, "offset": group_offset,
                 "version": self.version}
 
@@ -245,7 +246,7 @@ class RLRun:
             if version != handle["version"]:  # the worker died and Ray restarted it: re-sync, re-ask
                 self.restarts += 1
                 self._engine_get(self.engines.call(i, "update", self._payload()))
-                results[j] = self._engine_get(self.engines.call(i, "generate", *handle["calls"][i][2:]))
+                results[j] = self._engine_get(self.engines.call(i, "generate", *handle["calls"][i]))
         n, k = len(self.engines), handle["n"]
         by_row: list[list[Sample]] = [[] for _ in range(handle["rows"])]
         for i, (samples, _, _) in zip(handle["calls"], results):

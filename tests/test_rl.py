@@ -119,14 +119,20 @@ def test_vllm_engine_equals_learner_after_sync(tmp_path, merged):
         worker.engine.close()
 
 
-def test_microbatch_accumulation_equals_one_batch(tmp_path):
-    model_dir = save_tiny_model(tmp_path / "tiny")
+def _learner_with_gradients(model_dir, micro_batch_size):
+    """A LoRA policy learner whose B matrices are non-zero, so that every LoRA parameter gets a gradient."""
     learner = PolicyLearner(ModelConfig(name=str(model_dir)), PeftConfig(method="lora", r=8), lr=1e-2,
-                            total_steps=2, temperature=0.7, micro_batch_size=8, num_threads=1)
-    with torch.no_grad():  # B != 0 so every LoRA parameter has a gradient
+                            total_steps=2, temperature=0.7, micro_batch_size=micro_batch_size, num_threads=1)
+    with torch.no_grad():
         for n, p in learner.model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.1)
+    return learner
+
+
+def test_microbatch_accumulation_equals_one_batch(tmp_path):
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    learner = _learner_with_gradients(model_dir, micro_batch_size=8)
     engine = RolloutWorker("hf", str(model_dir), num_threads=1)
     samples, _, _ = engine.generate(["What is 2 + 3?", "Tom has 5 apples", "yes or no"],
                                  SamplingParams(n=3, max_new_tokens=7, seed=3))
@@ -154,12 +160,7 @@ def test_packed_and_token_budget_micro_batches_equal_one_padded_batch(tmp_path, 
     ones (one sequence per micro-batch, position ids restarting per row) give the loss, the
     gradients and the log-probs of the whole batch in one padded piece."""
     model_dir = save_tiny_model(tmp_path / "tiny")
-    learner = PolicyLearner(ModelConfig(name=str(model_dir)), PeftConfig(method="lora", r=8), lr=1e-2,
-                            total_steps=2, temperature=0.7, micro_batch_size=64, num_threads=1)
-    with torch.no_grad():
-        for n, p in learner.model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    learner = _learner_with_gradients(model_dir, micro_batch_size=64)
     engine = RolloutWorker("hf", str(model_dir), num_threads=1)
     samples, _, _ = engine.generate(["What is 2 + 3?", "Tom has 5 apples and 3 pears", "yes"],
                                     SamplingParams(n=3, max_new_tokens=9, seed=4))
