@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import algorithms
 from align import rl
-from align.config import PeftConfig, ModelConfig, load_config
+from align.config import PeftConfig, ModelConfig, load_config, to_dict
 from align.experience import build_experience
 from align.logprobs import token_logprobs
 from align.rl_config import RLConfig
@@ -413,3 +413,24 @@ def test_overlapped_generation_is_one_step_off_policy_and_corrected(tmp_path):
     # fp32 HF engine: in sync the engine's log-probs are the learner's; one step behind they are not
     assert max(h["rollout/logprob_diff_abs"] for h in off) < 1e-4
     assert on[1]["rollout/logprob_diff_abs"] > 1e-3 and "rollout/is_weight_mean" in on[1]
+
+
+def test_a_checkpoint_during_one_step_off_keeps_the_stream_before_the_prefetch(tmp_path):
+    """The next step's prompts are taken from the stream while this step trains; a checkpoint must
+    record the stream where a synchronous run would be, so a resumed run asks for those prompts again."""
+    from align import checkpoint
+
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    where = {}
+    for mode in ("sync", "one-step-off"):
+        run = rl.RLRun(_cfg(tmp_path / mode, model_dir, "train.debug=true", f"rollout.pipeline={mode}",
+                            "data.eval_size=0"))
+        try:
+            run.step()
+            path = run.save(tmp_path / mode)
+            where[mode] = (checkpoint.load(path, to_dict(run.cfg))[1]["stream"], [run.stream.epoch, run.stream.pos])
+        finally:
+            run.close()
+    (sync_saved, sync_now), (off_saved, off_now) = where["sync"], where["one-step-off"]
+    assert off_saved == sync_saved == sync_now
+    assert off_now != off_saved  # the prefetch did advance the live stream
