@@ -73,11 +73,11 @@ class AlgorithmConfig:
     epochs: int = 1  # passes over each rollout batch (> 1: off-policy ratios)
     minibatches: int = 1  # optimizer steps per pass (> 1: off-policy ratios)
     micro_batch_size: int = 8  # sequences per forward/backward (gradient accumulation inside a minibatch)
-    # Tokens per forward/backward instead of a row count (0 = micro_batch_size rows): rows sorted by
-    # length and cut so that a micro-batch computes at most this many tokens (padding included
-    # unless packed), so that little padding is computed
+    # The policy's tokens per forward/backward instead of a row count (0 = micro_batch_size rows;
+    # a PPO critic keeps row counts): rows sorted by length and cut so that a micro-batch computes
+    # at most this many tokens (padding included unless packed), so that little padding is computed
     micro_batch_tokens: int = 0
-    packing: bool = False  # each micro-batch one sequence without padding (position ids restart per row; varlen attention with flash_attention_2)
+    packing: bool = False  # each policy micro-batch one sequence without padding (position ids restart per row; varlen attention with flash_attention_2)
     # Importance weights for the engine's numerics differing from the learner's (algorithms/core.py
     # rollout_weights): TIS (token-truncate), MIS (token-mask) or their sequence-level forms; "auto"
     # = token-truncate where they differ (vLLM, an engine in another dtype, QLoRA), else off
