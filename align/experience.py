@@ -27,7 +27,8 @@ def build_experience(samples: Sequence[Sample], pad_id: int) -> Experience:
         ids[i, P - p:P] = torch.tensor(s.prompt_ids)
         ids[i, P:P + c] = torch.tensor(s.completion_ids, dtype=torch.long)
         attn[i, P - p:P + c] = 1
-        act[i, P:P + c] = 1
+        # multi-turn episodes: environment tokens between the model's turns are context, never trained on
+        act[i, P:P + c] = 1 if s.completion_mask is None else torch.tensor(s.completion_mask, dtype=torch.long)
     engine = None
     if all(s.logprobs is not None for s in samples):  # kept for the mismatch metric and rollout correction
         engine = torch.zeros((B, P + C))

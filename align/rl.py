@@ -27,6 +27,7 @@ from align import actors, checkpoint, placement
 from align.actors import ActorGroup
 from align.config import save_config, to_dict
 from align.device import resolve_dtype, use_gpus
+from align.episodes import episode_metrics
 from align.experience import build_experience
 from align.models import load_tokenizer, resolve_model, set_threads
 from align.rl_config import RLConfig
@@ -69,8 +70,8 @@ def load_prompts(cfg: RLConfig, tokenizer) -> tuple[list[dict], list[dict]]:
             ids = tokenizer(text, add_special_tokens=not use_chat)["input_ids"]
             if len(ids) > d.max_prompt_length:
                 continue
-            out.append({"text": text, "ids": ids, "columns": {k: v for k, v in row.items()
-                                                              if k not in (d.prompt_field, "completion")}})
+            out.append({"text": text, "ids": ids, "messages": msgs, "columns": {k: v for k, v in row.items()
+                                                                                if k not in (d.prompt_field, "completion")}})
         if rows and not out:
             raise DataError(f"{source}: every prompt is longer than data.max_prompt_length={d.max_prompt_length}")
         return out
@@ -139,7 +140,13 @@ class RLRun:
         self.sleep_engines = self.use_gpus and res.colocate and res.sleep_engines
         # one-step-off-policy generation: "auto" = where engines have GPUs of their own (on shared
         # devices the engine and the learner would only take turns on the same hardware)
-        self.overlap = r.pipeline == "one-step-off" or (r.pipeline == "auto" and self.use_gpus and not res.colocate)
+        self.episodes = episode_runner(cfg, self.tokenizer) if cfg.env.name else None  # multi-turn, with tools
+        self.env_seconds = 0.0  # environment and tool time of the step so far
+        if self.episodes is not None and r.pipeline == "one-step-off":
+            raise ValueError("rollout.pipeline=one-step-off runs one-turn rollouts only; multi-turn episodes "
+                             "(env.name) generate turn by turn: use rollout.pipeline=sync")
+        self.overlap = self.episodes is None and (
+            r.pipeline == "one-step-off" or (r.pipeline == "auto" and self.use_gpus and not res.colocate))
         if self.overlap and self.sleep_engines:
             raise ValueError("rollout.pipeline=one-step-off needs awake engines while the learners train: set "
                              "resources.sleep_engines=false or resources.colocate=false")
@@ -227,7 +234,10 @@ class RLRun:
 
     def _launch(self, rows: list[dict], sampling: Any, group_offset: int) -> dict[str, Any]:
         """Ask the engines for samples of `rows` without waiting (rows i, i+n, ... to engine i, each
-        engine its own noise); `_collect` gets them. The handle remembers the weights version asked."""
+        engine its own noise); `_collect` gets them. The handle remembers the weights version asked.
+        Multi-turn episodes run turn by turn inside `_collect`."""
+        if self.episodes is not None:
+            return {"episode_rows": rows, "sampling": sampling, "offset": group_offset, "version": self.version}
         n = len(self.engines)
         parts = [rows[i::n] for i in range(n)]
         per_engine = [dataclasses.replace(sampling, seed=sampling.seed + 7919 * i)
@@ -239,8 +249,21 @@ class RLRun:
         return {"refs": refs, "calls": calls, "rows": len(rows), "n": sampling.n, "offset": group_offset,
                 "version": self.version}
 
+    def _turn(self, texts: list[str], ids: list[list[int]], sampling: Any) -> tuple[list[Sample], float]:
+        """One engine call of a multi-turn batch: samples of these token-id prompts."""
+        rows = [{"text": t, "ids": i, "columns": {}} for t, i in zip(texts, ids)]
+        episodes, self.episodes = self.episodes, None  # a plain launch for this one call
+        try:
+            return self._collect(self._launch(rows, sampling, 0))
+        finally:
+            self.episodes = episodes
+
     def _collect(self, handle: dict[str, Any]) -> tuple[list[Sample], float]:
         """The samples of a `_launch`, group ids in row order, and the slowest engine's seconds."""
+        if "episode_rows" in handle:
+            samples, seconds = self.episodes.run(handle["episode_rows"], handle["sampling"], self._turn, handle["offset"])
+            self.env_seconds += self.episodes.env_seconds
+            return samples, seconds
         results = self._engine_get(handle["refs"])
         for j, (i, (_, _, version)) in enumerate(zip(handle["calls"], results)):
             if version != handle["version"]:  # the worker died and Ray restarted it: re-sync, re-ask
@@ -285,12 +308,17 @@ class RLRun:
         for i, s in enumerate(samples):
             s.reward = res.total[i]
             s.reward_components = {name: vals[i] for name, vals in res.components.items()}
+            env_reward = s.episode["env_reward"] if s.episode else None
+            if env_reward is not None:  # an environment's own reward adds to the reward functions'
+                s.reward = (s.reward or 0.0) + env_reward
+                s.reward_components["env"] = env_reward
         return res.metrics
 
     # -------------------------------------------------------------------- one training step
     def step(self) -> dict[str, Any]:
         """Rollout -> reward -> select -> experience -> update -> sync; returns the step's metrics."""
         t0, times, m = time.perf_counter(), {"generate": 0.0, "reward": 0.0}, {}
+        self.env_seconds = 0.0
         cfg, groups, round_, sel = self.cfg, [], 1, None
         need, generated = cfg.rollout.prompts_per_step, []
         rng = random.Random(cfg.train.seed * 1_000_003 + self.step_no)  # DUPO's draws: the same after a resume
@@ -370,9 +398,12 @@ class RLRun:
         self.step_no += 1
         m.update(sel.metrics)
         m.update(_sample_metrics(generated, batch, self.cfg.reward.accuracy))
+        if self.episodes is not None:
+            m.update(episode_metrics(generated))
+            times["env"] = self.env_seconds
         m.update({f"time/{k}": v for k, v in times.items()})
         m["time/step"] = time.perf_counter() - t0
-        m["gen_tokens_per_s"] = sum(len(s.completion_ids) for s in generated) / max(times["generate"], 1e-9)
+        m["gen_tokens_per_s"] = sum(_model_tokens(s) for s in generated) / max(times["generate"], 1e-9)
         return m
 
     def _round_sampling(self, step: int, round_: int) -> Any:
@@ -392,6 +423,10 @@ class RLRun:
         out = {"eval/reward": _mean([s.reward for s in samples]), "eval/n": len(samples)}
         if self.cfg.reward.accuracy and any(self.cfg.reward.accuracy in s.reward_components for s in samples):
             out["eval/accuracy"] = _mean([s.reward_components.get(self.cfg.reward.accuracy) for s in samples])
+        if self.episodes is not None:
+            out.update({"eval/" + k: v for k, v in episode_metrics(samples).items()})
+            write_episodes(Path(self.cfg.train.output_dir) / "episodes" / f"step_{self.step_no:05d}.jsonl",
+                           samples[:self.cfg.env.log_episodes])
         return out
 
     def save(self, run_dir: Path) -> Path:
@@ -436,6 +471,8 @@ class RLRun:
     def close(self) -> None:
         """Stop reward pools and actors, and give the placement group back."""
         self.rewards.close()
+        if self.episodes is not None:
+            self.episodes.close()
         for g in (self.engines, self.learner, self.reference, self.critic):
             if g is not None:
                 g.kill()
@@ -520,6 +557,37 @@ def _sampling(r, n: int, temperature: float, seed: int):
     # training rollouts keep the engine's logprobs (mismatch metric, rollout correction); greedy evals do not
     return SamplingParams(n=n, temperature=temperature, top_p=r.top_p, top_k=r.top_k,
                           max_new_tokens=r.max_new_tokens, stop=list(r.stop), seed=seed, logprobs=temperature > 0)
+
+
+def episode_runner(cfg: RLConfig, tokenizer: Any) -> Any:
+    """The run's multi-turn episode runner: `env.name`'s environment, `env.tools` in a sandbox."""
+    from align.envs import env_factory
+    from align.episodes import EpisodeLimits, EpisodeRunner
+    from align.sandbox import ToolRunner
+    from align.tools import get_tool
+
+    e = cfg.env
+    tools = [get_tool(t) for t in e.tools]
+    runner = ToolRunner(tools, workers=e.tool_workers, timeout=e.tool_timeout, memory_mb=e.tool_memory_mb,
+                        max_output=e.max_tool_output) if tools else None
+    return EpisodeRunner(tokenizer, env_factory(e.name, e.kwargs), tools, EpisodeLimits(e.max_turns, e.max_tokens),
+                         runner=runner)
+
+
+def write_episodes(path: Path, samples: list[Sample]) -> None:
+    """Whole episodes as JSONL, for reading: conversation, reward and its parts, counts."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for s in samples:
+            f.write(json.dumps({"group": s.group_id, "reward": s.reward, "reward_components": s.reward_components,
+                                "finish_reason": s.finish_reason, **s.episode}, default=str) + "\n")
+
+
+def _model_tokens(s: Sample) -> int:
+    """Tokens the model generated (an episode's environment tokens are not)."""
+    return len(s.completion_ids) if s.completion_mask is None else sum(s.completion_mask)
 
 
 def _groups(samples: list[Sample]) -> list[list[Sample]]:

@@ -52,6 +52,22 @@ class RolloutConfig:
 
 
 @dataclass
+class EnvConfig:
+    """Multi-turn episodes (align.episodes): an environment per sample, tools, limits."""
+
+    name: str = ""  # "tools" (tool results back, done at a reply without a call), a registered name or "module:Class"; "" = one turn, no environment
+    kwargs: dict[str, Any] = field(default_factory=dict)  # the environment's constructor arguments
+    tools: list[str] = field(default_factory=list)  # tools offered: "calculator", "python", or "module:function"
+    max_turns: int = 4  # model turns per episode; an episode still going after them is truncated
+    max_tokens: int = 512  # tokens after the prompt per episode (model + environment); each turn also stops at rollout.max_new_tokens
+    tool_timeout: float = 5.0  # seconds a tool call may run before its process is killed (the model reads an error)
+    tool_memory_mb: int = 1024  # address-space limit of each tool process
+    tool_workers: int = 2  # tool processes (calls of a turn run in parallel)
+    max_tool_output: int = 1000  # characters of a tool result; longer results become an error message
+    log_episodes: int = 4  # whole held-out episodes written to <output_dir>/episodes/ at each eval
+
+
+@dataclass
 class ResourcesConfig:
     """What each role gets from the Ray cluster (align/placement.py); the same config runs on CPUs."""
 
@@ -149,6 +165,7 @@ class RLConfig:
     peft: PeftConfig = field(default_factory=PeftConfig)  # the policy's fine-tuning method
     data: PromptConfig = field(default_factory=PromptConfig)  # prompts
     rollout: RolloutConfig = field(default_factory=RolloutConfig)  # generation
+    env: EnvConfig = field(default_factory=EnvConfig)  # multi-turn episodes with tools (off: one turn)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)  # losses and selection
     reward: RewardsConfig = field(default_factory=RewardsConfig)  # reward functions
     critic: CriticConfig = field(default_factory=CriticConfig)  # the value model (PPO)

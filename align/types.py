@@ -28,6 +28,8 @@ class Sample:
     columns: dict[str, Any] = field(default_factory=dict)  # the dataset row's other fields (gold answer)
     reward: float | None = None  # the combined scalar reward; None = could not be scored
     reward_components: dict[str, float | None] = field(default_factory=dict)  # per reward function
+    completion_mask: list[int] | None = None  # (C,) 1 on the model's own tokens; None = all (one turn)
+    episode: dict[str, Any] | None = None  # a multi-turn episode's conversation and counts (align.episodes)
 
     @property
     def truncated(self) -> bool:
