@@ -75,8 +75,8 @@ class ToolEnv:
         return ([{"role": "system", "content": self.system}] if self.system else []) + list(row["prompt"])
 
     def step(self, turn: Turn) -> EnvStep:
-        """Tool results as "tool" messages; done when the turn called no tool."""
-        if not turn.tool_calls:
+        """Tool results as "tool" messages; done when the turn called no tool (or the run has none)."""
+        if not turn.tool_results:
             return EnvStep(done=True)
         return EnvStep([{"role": "tool", "content": r.text} for r in turn.tool_results])
 
@@ -95,6 +95,8 @@ def register_env(name: str) -> Callable[[type], type]:
 def env_factory(name: str, kwargs: dict[str, Any] | None = None) -> Callable[[], Environment]:
     """A function making a fresh environment per episode: a registered name or "module:Class"."""
     kwargs = dict(kwargs or {})
+    if name == "openenv":
+        from align import openenv_adapter  # noqa: F401 - registers it (its library is imported only when used)
     if name in ENVS:
         cls = ENVS[name]
     elif ":" in name:

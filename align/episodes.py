@@ -95,6 +95,7 @@ class _Episode:
 
     env: Environment
     row: int  # index of its data row in the call
+    columns: dict  # the row's other fields (the rewards' gold answers)
     prompt_text: str
     prompt_ids: list[int]
     messages: list[dict]
@@ -137,7 +138,7 @@ class EpisodeRunner:
                 env = self.make_env()
                 first = env.reset(data)
                 text, ids = self.chat.prompt(first)
-                episodes.append(_Episode(env, r, text, ids, list(self.chat.with_instructions(first))))
+                episodes.append(_Episode(env, r, row["columns"], text, ids, list(self.chat.with_instructions(first))))
         self.env_seconds = time.perf_counter() - t_env
         gen_seconds, live, turn = 0.0, episodes, 0
         while live:
@@ -171,10 +172,10 @@ class EpisodeRunner:
             e.messages.append({"role": "assistant", "content": s.completion})
             if len(ids) < len(s.completion_ids):
                 e.truncated = "token limit"
-            calls = parse_tool_calls(s.completion) if self.tools is not None else []
+            calls = parse_tool_calls(s.completion)  # without a runner, the environment answers them itself
             turns.append(Turn(s.completion, s.finish_reason, calls))
         flat = [c for t in turns for c in t.tool_calls]
-        results = self.tools.run(flat) if flat else []
+        results = self.tools.run(flat) if flat and self.tools is not None else []
         k = 0
         for e, t in zip(live, turns):
             t.tool_results, k = results[k:k + len(t.tool_calls)], k + len(t.tool_calls)
@@ -203,7 +204,7 @@ class EpisodeRunner:
         """The finished episode as one Sample (see the module docstring)."""
         return Sample(prompt=e.prompt_text, prompt_ids=e.prompt_ids, completion=e.last_text, completion_ids=e.ids,
                       logprobs=e.logprobs, finish_reason="length" if e.truncated else "stop",
-                      group_id=group_offset + e.row, completion_mask=e.mask,
+                      group_id=group_offset + e.row, columns=dict(e.columns), completion_mask=e.mask,
                       episode={"messages": e.messages, "turns": e.turns, "tool_calls": e.tool_calls,
                                "tool_errors": e.tool_errors, "env_reward": e.reward, "truncated": e.truncated,
                                "model_tokens": sum(e.mask)})
@@ -215,13 +216,14 @@ class EpisodeRunner:
 
 
 def episode_metrics(samples: list[Sample]) -> dict[str, float]:
-    """Turns, tool calls and their error rate, finished / truncated shares, over episodes."""
+    """Turns, tool calls (per episode, share of episodes with one, error rate), finished / truncated shares."""
     eps = [s.episode for s in samples if s.episode]
     if not eps:
         return {}
     calls = sum(e["tool_calls"] for e in eps)
     return {"episode/turns": sum(e["turns"] for e in eps) / len(eps),
             "episode/tool_calls": calls / len(eps),
+            "episode/tool_use_frac": sum(e["tool_calls"] > 0 for e in eps) / len(eps),
             "episode/tool_error_rate": sum(e["tool_errors"] for e in eps) / calls if calls else 0.0,
             "episode/finished_frac": sum(e["truncated"] is None for e in eps) / len(eps),
             "episode/truncated_frac": sum(e["truncated"] is not None for e in eps) / len(eps),

@@ -69,6 +69,7 @@ def _check_three_turns(engine, tok):
     assert len(s.logprobs) == len(expected) and all(lp == 0.0 for lp, m in zip(s.logprobs, mask) if not m)
     assert all(lp < 0.0 for lp, m in zip(s.logprobs, mask) if m)
     ep = s.episode
+    assert s.columns == {"answer": "5"}  # the row's columns reach the reward functions
     assert ep["turns"] == 3 and ep["truncated"] is None and s.finish_reason == "stop" and ep["env_reward"] == 0.5
     assert [m["role"] for m in ep["messages"]] == ["user", "assistant", "tool", "assistant", "user", "assistant"]
     exp = build_experience([s], tok.pad_token_id)
@@ -276,3 +277,18 @@ def test_multi_turn_grpo_changes_weights_and_its_reward_rises(tmp_path):
     after = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
     before = tiny_model(seed=0)[0].state_dict()
     assert any(not torch.equal(before[k], v) for k, v in after.items() if k in before)
+
+
+def test_an_openenv_tool_environment_runs_through_the_adapter():
+    pytest.importorskip("openenv.core")
+    _, tok = tiny_model(seed=0)
+    make = env_factory("openenv", {"env": "rl_openenv:AddEnv", "action": "rl_openenv:AnswerAction",
+                                   "observation_field": "prompt"})
+    episodes = EpisodeRunner(tok, make, [], EpisodeLimits(max_turns=3, max_tokens=400))
+    row = {"columns": {"a": 2, "b": 3}, "messages": [{"role": "user", "content": "unused"}]}
+    policy = _Policy(tok, [format_tool_call("add", {"a": 2, "b": 3}), "The answer is 5"])
+    [s], _ = episodes.run([row], SamplingParams(n=1, max_new_tokens=50), policy)
+    msgs = s.episode["messages"]
+    assert msgs[0] == {"role": "user", "content": "What is 2 + 3? Use the add tool, then answer."}
+    assert msgs[2] == {"role": "tool", "content": "5"} and msgs[3]["content"] == "The answer is 5"
+    assert s.episode["env_reward"] == 1.0 and s.episode["turns"] == 2 and s.episode["truncated"] is None
