@@ -25,9 +25,12 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
 
 from multiprocessing.connection import Connection  # noqa: E402
 
+# object.__getattr__: frame and code attributes (tb_frame, f_back, gi_frame, ...), the way from the
+# tool's code to this module's frames and the guard's switch; sqlite3 opens files without an "open" event
 _DENIED = ("socket.", "subprocess.", "ctypes.", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
            "os.system", "os.kill", "os.forkpty", "pty.", "gc.get_", "sys._getframe", "sys._current_frames",
-           "sys.setprofile", "sys.settrace", "urllib.", "http.", "ftplib.", "smtplib.", "webbrowser.")
+           "sys.setprofile", "sys.settrace", "urllib.", "http.", "ftplib.", "smtplib.", "webbrowser.",
+           "object.__getattr__", "sqlite3.", "os.putenv", "os.unsetenv")
 _PATH_EVENTS = ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.link",
                 "os.symlink", "os.truncate", "os.utime", "shutil.rmtree", "shutil.copyfile", "os.chdir",
                 "os.listdir", "os.scandir")
@@ -35,16 +38,24 @@ _READ_ONLY_OK = ("open", "os.listdir", "os.scandir")
 
 
 def _make_guard(scratch: str):
-    """An audit hook and the switch that turns it on for sandboxed calls (kept in a closure)."""
+    """An audit hook and the switch that turns it on for sandboxed calls (kept in a closure). The
+    functions the hook calls are bound here, so a tool replacing os.path.realpath changes nothing."""
     scratch = os.path.realpath(scratch)
     readable = tuple({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)})
     state = {"on": False}
+    realpath, fsdecode, sep = os.path.realpath, os.fsdecode, os.sep
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    environ, saved = os.environ, {}
+    quiet_env = {"PATH": "/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch}
 
     def inside(path, roots) -> bool:
-        if isinstance(path, int):  # an open file descriptor: already allowed when it was opened
+        if type(path) is int:  # an open file descriptor: already allowed when it was opened
             return True
-        p = os.path.realpath(os.fsdecode(path))
-        return any(p == r or p.startswith(r + os.sep) for r in roots)
+        p = realpath(fsdecode(path))
+        for r in roots:
+            if p == r or p.startswith(r + sep):
+                return True
+        return False
 
     def hook(event: str, args: tuple) -> None:
         if not state["on"]:
@@ -53,19 +64,43 @@ def _make_guard(scratch: str):
             raise PermissionError(f"not allowed in this tool: {event}")
         if event == "open":
             path, mode, flags = args
-            writes = (mode and any(c in mode for c in "wax+")) or (flags and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+            writes = (mode and any(c in mode for c in "wax+")) or (flags and flags & write_flags)
             roots = (scratch,) if writes else (scratch,) + readable
             if path is not None and not inside(path, roots):
                 raise PermissionError(f"not allowed in this tool: opening {path!r} (files live in the working directory)")
-        elif event in _PATH_EVENTS and args:
+        elif event in _PATH_EVENTS:
             roots = (scratch,) + readable if event in _READ_ONLY_OK else (scratch,)
-            if args[0] is not None and not inside(args[0], roots):
-                raise PermissionError(f"not allowed in this tool: {event} on {args[0]!r}")
+            for path in args:  # rename / link / symlink: the destination too
+                if isinstance(path, (str, bytes, os.PathLike)) and not inside(path, roots):
+                    raise PermissionError(f"not allowed in this tool: {event} on {path!r}")
 
     def switch(on: bool) -> None:
-        state["on"] = on
+        # the environment (tokens, keys) is hidden from sandboxed tools and restored after them
+        if on:
+            saved.clear()
+            saved.update(environ)
+            environ.clear()
+            environ.update(quiet_env)
+            state["on"] = True
+        else:
+            state["on"] = False
+            if saved:
+                environ.clear()
+                environ.update(saved)
+                saved.clear()
 
     return hook, switch
+
+
+def _empty(scratch: str) -> None:
+    """Remove what a call left in the scratch directory: episodes never see each other's files."""
+    import shutil
+
+    for entry in os.scandir(scratch):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            os.unlink(entry.path)
 
 
 def main() -> None:
@@ -95,6 +130,9 @@ def main() -> None:
                 text = str(fn(**arguments))
             finally:
                 switch(False)
+                if sandboxed:
+                    os.chdir(scratch)
+                    _empty(scratch)
             if len(text) > int(max_output):
                 send.send(("error", f"the tool's output is too long ({len(text)} characters; the limit is {max_output})"))
             else:
@@ -103,7 +141,8 @@ def main() -> None:
             switch(False)
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            send.send(("error", f"{type(exc).__name__}: {str(exc)[:300]}"))
+            message = " ".join(str(exc).split())[:300]  # one line for the model
+            send.send(("error", f"{type(exc).__name__}: {message}"))
 
 
 if __name__ == "__main__":

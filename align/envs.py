@@ -8,10 +8,11 @@ An environment is made once per episode and driven by `align.episodes.EpisodeRun
 `row` is the dataset row's columns plus "prompt", the chat messages that `data.prompt_field` (and
 `data.prompt_suffix`) give. `reset` must be a function of the row: a GRPO group's samples share
 their first prompt. `turn` is the model's reply (`Turn`): its text, its tool calls as parsed and
-their results, already run in the tool sandbox, so an environment never runs model-written code
-itself. `EnvStep.messages` (tool results, feedback, a next question) are appended to the
+their results, already run in the tool sandbox (`env.tools`), so a tool environment never runs
+model-written code itself (the OpenEnv adapter is the exception: its environments own their tools). `EnvStep.messages` (tool results, feedback, a next question) are appended to the
 conversation as environment tokens, never trained on; `reward` (any turn, summed) adds to the run's
-reward functions, which score the last model turn with the row's columns as in one-turn RL.
+reward functions, which score the last model turn with the row's columns as in one-turn RL (an
+environment reward makes a sample scored even where every reward function returned None).
 
     class Guess:                                   # a user-written environment: "module:Guess"
         def reset(self, row): self.secret = row["answer"]; return row["prompt"]
@@ -36,7 +37,7 @@ class Turn:
     text: str  # the decoded reply (stop strings cut, special tokens dropped)
     finish_reason: str  # "stop" (EOS / stop string) or "length" (the turn's token limit)
     tool_calls: list[ToolCall] = field(default_factory=list)  # parsed from `text`, in order
-    tool_results: list[ToolResult] = field(default_factory=list)  # one per call, already run
+    tool_results: list[ToolResult] = field(default_factory=list)  # one per call, already run (empty: not run here)
 
 
 @dataclass

@@ -52,12 +52,15 @@ class ChatTokens:
         self._base = base
         self._base_text = self._render(base)
         tail = self._base_text[self._base_text.rindex(_SENTINEL) + len(_SENTINEL):]  # e.g. "<|im_end|>\n"
-        eos_text = tokenizer.decode(eos_ids[:1]) if eos_ids else ""
-        # what follows the model's EOS token in the template ("\n" in ChatML), and the id that closes
-        # a turn which ended without one
-        cut = tail.find(eos_text) if eos_text else -1
-        self.after_eos = tail[cut + len(eos_text):] if cut >= 0 else tail
-        self.close_ids = eos_ids[:1] if cut >= 0 else []
+        # the template's end-of-turn token (ChatML's <|im_end|>, Gemma's <end_of_turn>: not always the
+        # tokenizer's EOS) closes a turn that ended without it; what follows it ("\n") opens the next message
+        first = tokenizer(tail, add_special_tokens=False)["input_ids"][:1]
+        special = set(tokenizer.all_special_ids) | set(eos_ids)
+        self.close_ids = first if first and first[0] in special else []
+        close_text = tokenizer.decode(self.close_ids) if self.close_ids else ""
+        cut = tail.find(close_text) if close_text else -1
+        self.after_eos = tail[cut + len(close_text):] if cut >= 0 else tail
+        self.end_ids = set(eos_ids) | set(self.close_ids)  # a turn that ends with one of these is closed
 
     def _render(self, messages: list[dict], generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(messages, tools=self.schemas, tokenize=False,
@@ -134,10 +137,14 @@ class EpisodeRunner:
         episodes: list[_Episode] = []
         for r, row in enumerate(rows):
             data = {**row["columns"], "prompt": row["messages"]}
-            for _ in range(sampling.n):
+            for k in range(sampling.n):
                 env = self.make_env()
                 first = env.reset(data)
                 text, ids = self.chat.prompt(first)
+                if k and ids != episodes[-1].prompt_ids:  # the group's first turn is sampled from one prompt
+                    raise ValueError(f"{type(env).__name__}.reset gave different first messages for the same row "
+                                     f"(row {r}): a group's episodes share their prompt, so reset must depend on "
+                                     "the row only")
                 episodes.append(_Episode(env, r, row["columns"], text, ids, list(self.chat.with_instructions(first))))
         self.env_seconds = time.perf_counter() - t_env
         gen_seconds, live, turn = 0.0, episodes, 0
@@ -160,37 +167,41 @@ class EpisodeRunner:
 
     def _step(self, live: list[_Episode], samples: list[Sample]) -> None:
         """Append each model turn, run every tool call of the batch together, then ask the environments."""
-        turns = []
+        turns, ending = [], []
         for e, s in zip(live, samples):
             room = self.limits.max_tokens - len(e.ids)
-            ids, lps = s.completion_ids[:room], (s.logprobs or [])[:room]
+            ids, lps, text, finish = s.completion_ids[:room], (s.logprobs or [])[:room], s.completion, s.finish_reason
+            if len(ids) < len(s.completion_ids):  # cut by the episode's budget: what the learner sees is all there is
+                text, finish, e.truncated = self.chat.tokenizer.decode(ids, skip_special_tokens=True), "length", "token limit"
             e.ids += ids
             e.mask += [1] * len(ids)
             e.logprobs = e.logprobs + lps if e.logprobs is not None and s.logprobs is not None else None
             e.turns += 1
-            e.last_text = s.completion
-            e.messages.append({"role": "assistant", "content": s.completion})
-            if len(ids) < len(s.completion_ids):
-                e.truncated = "token limit"
-            calls = parse_tool_calls(s.completion)  # without a runner, the environment answers them itself
-            turns.append(Turn(s.completion, s.finish_reason, calls))
-        flat = [c for t in turns for c in t.tool_calls]
+            e.last_text = text
+            e.messages.append({"role": "assistant", "content": text})
+            calls = parse_tool_calls(text)  # without a runner, the environment answers them itself
+            turns.append(Turn(text, finish, calls))
+            # no later turn could read a result: such calls are not run (and the episode was cut short)
+            ending.append(e.truncated is not None or e.turns >= self.limits.max_turns)
+        flat = [c for t, end in zip(turns, ending) if not end for c in t.tool_calls]
         results = self.tools.run(flat) if flat and self.tools is not None else []
         k = 0
-        for e, t in zip(live, turns):
-            t.tool_results, k = results[k:k + len(t.tool_calls)], k + len(t.tool_calls)
+        for e, t, end in zip(live, turns, ending):
+            if not end:
+                t.tool_results, k = results[k:k + len(t.tool_calls)], k + len(t.tool_calls)
             e.tool_calls += len(t.tool_calls)
             e.tool_errors += sum(not r.ok for r in t.tool_results)
             out = e.env.step(t)
             if out.reward is not None:
                 e.reward = (e.reward or 0.0) + float(out.reward)
+            if end and not e.truncated and (t.tool_calls or not out.done):
+                e.truncated = "turn limit"  # the model wanted to go on
             if out.done or e.truncated:
+                if t.finish_reason == "length" and not e.truncated:
+                    e.truncated = "turn token limit"  # the last reply was cut at rollout.max_new_tokens
                 e.done = True
                 continue
-            if e.turns >= self.limits.max_turns:
-                e.done, e.truncated = True, "turn limit"
-                continue
-            env_ids = self.chat.after_turn(out.messages, ended_with_eos=bool(e.ids) and e.ids[-1] in self.eos_ids)
+            env_ids = self.chat.after_turn(out.messages, ended_with_eos=bool(e.ids) and e.ids[-1] in self.chat.end_ids)
             if len(e.ids) + len(env_ids) >= self.limits.max_tokens:  # no room left for a model token
                 e.done, e.truncated = True, "token limit"
                 continue

@@ -9,7 +9,9 @@ Observation with `done` and `reward`. The adapter makes the model's reply the Ac
 `action_field`), and an Observation's `observation_field` the next user message; the first message
 is that field of reset's Observation, or the row's prompt when it has none. Tool environments
 (`MCPEnvironment`) are reached through their own `CallToolAction`s: a turn's Hermes tool calls are
-sent to the environment, and their results come back as "tool" messages. Environments served over
+sent to the environment (in this process, not in align's tool sandbox; leave `env.tools` empty so
+no call runs twice), and their results come back as "tool" messages. The prompt (the row or the
+reset Observation) must describe those tools. Environments served over
 HTTP (OpenEnv's `EnvClient`) are not adapted: they need their server running.
 """
 from __future__ import annotations
@@ -58,6 +60,9 @@ class OpenEnvAdapter:
 
             messages, reward, done = [], None, False
             for call in turn.tool_calls:
+                if call.error:  # unreadable: answered here, as the tool runner answers it
+                    messages.append({"role": "tool", "content": f"Error: {call.error}"})
+                    continue
                 obs = self.env.step(CallToolAction(tool_name=call.name, arguments=call.arguments))
                 error = getattr(obs, "error", None)
                 text = f"Error: {error.message}" if error else _result_text(getattr(obs, "result", None))

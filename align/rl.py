@@ -303,7 +303,7 @@ class RLRun:
         columns: dict[str, list] = {}
         for k in {k for s in samples for k in s.columns}:
             columns[k] = [s.columns.get(k) for s in samples]
-        columns["completion_token_counts"] = [len(s.completion_ids) for s in samples]
+        columns["completion_token_counts"] = [_model_tokens(s) for s in samples]  # an episode's tool output is not the model's length
         res = self.rewards([s.prompt for s in samples], [s.completion for s in samples], columns)
         for i, s in enumerate(samples):
             s.reward = res.total[i]
@@ -605,7 +605,7 @@ def _mean(xs: list) -> float:
 
 def _sample_metrics(generated: list[Sample], batch: list[Sample], accuracy: str | None) -> dict[str, float]:
     """Reward, accuracy, length and group statistics of a step."""
-    lengths = [len(s.completion_ids) for s in generated]
+    lengths = [_model_tokens(s) for s in generated]
     groups = _groups(generated)
     zero_var = sum(1 for g in groups if len({s.reward for s in g if s.reward is not None}) <= 1)
     out = {"reward": _mean([s.reward for s in generated]), "response_length/mean": sum(lengths) / len(lengths),

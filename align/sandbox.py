@@ -55,8 +55,12 @@ class _Worker:
             os.close(from_child_w)
         self.send = Connection(to_child_w, readable=False)
         self.recv = Connection(from_child_r, writable=False)
-        self.send.send(("tools", payload, list(sys.path)))
         self.ready = False
+        try:
+            self.send.send(("tools", payload, list(sys.path)))
+        except OSError:  # the child died at once: reap it, close the pipes, remove the directory
+            self.kill()
+            raise
 
     def kill(self) -> None:
         """Kill the process now, release the pipes and remove the scratch directory."""

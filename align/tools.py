@@ -17,7 +17,8 @@ How calls look in the model's text: the Hermes format that Qwen 2.5 / 3 and Herm
     {"name": "calculator", "arguments": {"expression": "23 * 47"}}
     </tool_call>
 
-which `parse_tool_calls` reads ("parameters" is accepted for "arguments", as Llama 3.1 writes it).
+which `parse_tool_calls` reads ("parameters" is accepted for "arguments"). Formats without the tags
+(Llama 3.1's bare JSON, Mistral's [TOOL_CALLS]) are not read: such models need the Hermes format taught.
 A chat template that has a `tools` argument renders the schemas itself; for one without (SmolLM2's)
 `tool_instructions` is the system text that offers them, in that same format.
 
@@ -117,8 +118,16 @@ def format_tool_call(name: str, arguments: dict[str, Any]) -> str:
 
 
 def template_has_tools(tokenizer: Any) -> bool:
-    """Whether the tokenizer's chat template renders a `tools` argument itself."""
-    return "tools" in (tokenizer.chat_template or "")
+    """Whether the tokenizer's chat template renders a `tools` argument itself (tried, not read)."""
+    if not tokenizer.chat_template:
+        return False
+    msgs = [{"role": "user", "content": "x"}]
+    probe = [{"type": "function", "function": {"name": "align_probe_tool", "description": "", "parameters":
+                                               {"type": "object", "properties": {}}}}]
+    try:
+        return "align_probe_tool" in tokenizer.apply_chat_template(msgs, tools=probe, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot take tools does not render them
+        return False
 
 
 def tool_instructions(tools: list[Tool]) -> str:

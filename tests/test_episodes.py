@@ -70,7 +70,10 @@ def _check_three_turns(engine, tok):
     assert all(lp < 0.0 for lp, m in zip(s.logprobs, mask) if m)
     ep = s.episode
     assert s.columns == {"answer": "5"}  # the row's columns reach the reward functions
-    assert ep["turns"] == 3 and ep["truncated"] is None and s.finish_reason == "stop" and ep["env_reward"] == 0.5
+    assert ep["turns"] == 3 and ep["env_reward"] == 0.5
+    last_closed = expected[-1] == tok.eos_token_id  # else the last reply was cut at max_new_tokens
+    assert ep["truncated"] == (None if last_closed else "turn token limit")
+    assert s.finish_reason == ("stop" if last_closed else "length")
     assert [m["role"] for m in ep["messages"]] == ["user", "assistant", "tool", "assistant", "user", "assistant"]
     exp = build_experience([s], tok.pad_token_id)
     assert exp.action_mask[0, exp.prompt_len:].tolist() == mask
@@ -209,19 +212,26 @@ def test_an_episode_at_the_turn_limit_is_truncated():
     assert s.episode["truncated"] == "token limit" and len(s.completion_ids) <= 12
 
 
-def test_sandboxed_tools_refuse_network_files_and_processes():
+def test_sandboxed_tools_refuse_network_files_and_processes(monkeypatch):
     runner = ToolRunner([get_tool("python"), get_tool("calculator")], workers=1, timeout=5.0, max_output=100)
     try:
         codes = {"network": "import socket; socket.create_connection(('127.0.0.1', 9))",
                  "file": "open('/etc/hostname').read()", "process": "import os; os.system('true')",
                  "scratch": "open('a.txt', 'w').write('ok'); print(open('a.txt').read())",
-                 "huge": "print('x' * 5000)", "expression": "sum(range(10))"}
+                 "huge": "print('x' * 5000)", "expression": "sum(range(10))",
+                 "rename out": "open('b', 'w').write('x'); import os; os.rename('b', '/tmp/align-escaped')",
+                 "frames": "try:\n    1 / 0\nexcept Exception as e:\n    print(e.__traceback__.tb_frame.f_back)",
+                 "secrets": "import os; print(os.environ.get('ALIGN_TEST_SECRET'))",
+                 "leftovers": "import os; print(os.listdir('.'))"}
+        monkeypatch.setenv("ALIGN_TEST_SECRET", "s3cret")
         res = dict(zip(codes, runner.run([ToolCall("python", {"code": c}) for c in codes.values()])))
-        for k in ("network", "file", "process"):
+        for k in ("network", "file", "process", "rename out", "frames"):
             assert not res[k].ok and "not allowed" in res[k].text, res[k]
         assert res["scratch"].ok and res["scratch"].text == "ok\n"
         assert not res["huge"].ok and "too long" in res["huge"].text
         assert res["expression"].text == "45\n"
+        assert res["secrets"].text == "None\n"  # the environment (tokens, keys) is hidden from the tool
+        assert res["leftovers"].text == "[]\n"  # each call starts with an empty scratch directory
         calc = runner.run([ToolCall("calculator", {"expression": "(23 + 2) * 4 / 5"}),
                            ToolCall("calculator", {"expression": "__import__('os')"})])
         assert calc[0].text == "20" and not calc[1].ok
@@ -256,7 +266,8 @@ def test_tools_reach_the_prompt_through_the_template_or_the_system_message():
         get_tool("nope")
 
 
-def test_multi_turn_grpo_changes_weights_and_its_reward_rises(tmp_path):
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_multi_turn_run_changes_weights_and_its_reward_rises(tmp_path, algo):
     model_dir = save_tiny_model(tmp_path / "tiny")
     cfg = load_config(RLConfig, None, [
         f"model.name={model_dir}", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=3", "data.train_size=64",
@@ -264,13 +275,16 @@ def test_multi_turn_grpo_changes_weights_and_its_reward_rises(tmp_path):
         "rollout.temperature=1.0", "train.debug=true", "log.progress=false", "rollout.num_threads=1",
         "train.num_threads=1", "train.lr=3e-2", "peft.method=full", "env.name=rl_envs:TwoTurns",
         "env.max_turns=2", "reward.functions=[{name: tests/rl_rewards.py:starts_with_vowel}]", "reward.accuracy=null",
-        ])
+        f"algorithm.name={algo}", "critic.lr=3e-2"])
     out = rl.run(cfg)
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if "time/step" in r]
     assert len(steps) == 3 and all(r["episode/turns"] == 2 for r in steps) and "time/env" in steps[0]
     # the held-out reward (greedy, second turns): sampled step rewards of 32 episodes are too noisy over 3 steps
-    assert out["after"]["eval/reward"] > out["before"]["eval/reward"] + 0.2, (out["before"], out["after"])
+    if algo == "grpo":
+        assert out["after"]["eval/reward"] > out["before"]["eval/reward"] + 0.2, (out["before"], out["after"])
+    else:  # PPO: the critic learned over episodes whose environment tokens sit between the turns
+        assert all("critic/value_loss" in r for r in steps)
     assert out["after"]["eval/episode/turns"] == 2
     eps = [json.loads(x) for x in (tmp_path / "run" / "episodes" / "step_00003.jsonl").read_text().splitlines()]
     assert len(eps) == 4 and eps[0]["turns"] == 2 and eps[0]["messages"][2]["content"] == "Say more."
