@@ -238,6 +238,10 @@ class RLRun:
         Multi-turn episodes run turn by turn inside `_collect`."""
         if self.episodes is not None:
             return {"episode_rows": rows, "sampling": sampling, "offset": group_offset, "version": self.version}
+        return self._engine_launch(rows, sampling, group_offset)
+
+    def _engine_launch(self, rows: list[dict], sampling: Any, group_offset: int) -> dict[str, Any]:
+        """`_launch` for one-turn rows (and each turn of a multi-turn batch)."""
         n = len(self.engines)
         parts = [rows[i::n] for i in range(n)]
         per_engine = [dataclasses.replace(sampling, seed=sampling.seed + 7919 * i)
@@ -252,11 +256,7 @@ class RLRun:
     def _turn(self, texts: list[str], ids: list[list[int]], sampling: Any) -> tuple[list[Sample], float]:
         """One engine call of a multi-turn batch: samples of these token-id prompts."""
         rows = [{"text": t, "ids": i, "columns": {}} for t, i in zip(texts, ids)]
-        episodes, self.episodes = self.episodes, None  # a plain launch for this one call
-        try:
-            return self._collect(self._launch(rows, sampling, 0))
-        finally:
-            self.episodes = episodes
+        return self._engine_collect(self._engine_launch(rows, sampling, 0))
 
     def _collect(self, handle: dict[str, Any]) -> tuple[list[Sample], float]:
         """The samples of a `_launch`, group ids in row order, and the slowest engine's seconds."""
@@ -264,6 +264,10 @@ class RLRun:
             samples, seconds = self.episodes.run(handle["episode_rows"], handle["sampling"], self._turn, handle["offset"])
             self.env_seconds += self.episodes.env_seconds
             return samples, seconds
+        return self._engine_collect(handle)
+
+    def _engine_collect(self, handle: dict[str, Any]) -> tuple[list[Sample], float]:
+        """`_collect` for an `_engine_launch` handle."""
         results = self._engine_get(handle["refs"])
         for j, (i, (_, _, version)) in enumerate(zip(handle["calls"], results)):
             if version != handle["version"]:  # the worker died and Ray restarted it: re-sync, re-ask
