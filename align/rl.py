@@ -30,7 +30,7 @@ from align.device import resolve_dtype, use_gpus
 from align.episodes import episode_metrics
 from align.experience import build_experience
 from align.models import load_tokenizer, resolve_model, set_threads
-from align.rl_config import RLConfig
+from align.rl_config import PromptConfig, RLConfig
 from align.tracking import Tracker
 from align.types import Sample
 from align.learners import CriticLearner, PolicyLearner, init_group
@@ -40,12 +40,16 @@ from align.workers import ReferenceWorker, RolloutWorker
 # ----------------------------------------------------------------------------- prompts
 def load_prompts(cfg: RLConfig, tokenizer) -> tuple[list[dict], list[dict]]:
     """(train rows, held-out rows), each with `text` (the engine prompt) and its other columns."""
+    return prompt_rows(cfg.data, tokenizer, cfg.train.seed)
+
+
+def prompt_rows(d: PromptConfig, tokenizer, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """`load_prompts` for a prompt section alone (`align eval` reads the same rows as the run)."""
     from align.data import DataError, missing_fields, read_rows, row_origin
     from align.tasks import train_and_heldout
 
-    d = cfg.data
     if d.path == "arithmetic":  # the instruction is prompt_suffix (appended below), not the generator's
-        train, held = train_and_heldout(d.train_size, d.eval_size, seed=cfg.train.seed, suffix="")
+        train, held = train_and_heldout(d.train_size, d.eval_size, seed=seed, suffix="")
     else:
         train = read_rows(d.path, d.split, d.max_examples)
         held = read_rows(d.eval_path, d.split)[: d.eval_size] if d.eval_path else []
