@@ -24,7 +24,7 @@ from align.config import redact
 MARKER = "COMPLETE"
 # Sections / fields that do not change what training computes, so a resume may change them.
 _NOT_FINGERPRINTED = {"log", "train.resume", "train.output_dir", "train.eval_every", "train.save_every",
-                      "train.keep_checkpoints", "train.num_threads", "train.save_merged", "train.max_steps",
+                      "train.keep_checkpoints", "train.num_threads", "train.log_samples", "generate_eval", "train.save_merged", "train.max_steps",
                       "rollout.num_threads", "rollout.backend", "train.device", "resources"}
 
 

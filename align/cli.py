@@ -59,7 +59,7 @@ def _preference(args: list[str]) -> None:
 
     path, overrides = _split(args)
     out = preference.run(load_config(preference.PreferenceConfig, path, overrides))
-    ev = out.result.eval_history[-1] if out.result.eval_history else {}
+    ev = next((e for e in reversed(out.result.eval_history) if "eval/rewards/accuracy" in e), {})
     if "eval/rewards/accuracy" in ev:
         print(f"[align] held-out reward accuracy {ev['eval/rewards/accuracy']:.1%}, "
               f"margin {ev.get('eval/rewards/margins', float('nan')):.3f}; model in {out.run_dir / 'final'}")

@@ -123,6 +123,54 @@ class LogConfig:
 
 
 @dataclass
+class PromptConfig:
+    """Where prompts come from and how they become engine inputs."""
+
+    path: str = "arithmetic"  # JSONL / JSON / Parquet / datasets name, or "arithmetic" (generated)
+    prompt_field: str = "prompt"  # column with the prompt (a string or chat messages); GSM8K: "question"
+    split: str = "train"  # split of a datasets name
+    eval_path: str | None = None  # held-out prompts (never trained on); "arithmetic" = generated
+    eval_size: int = 100  # held-out prompts used for accuracy
+    train_size: int = 2000  # generated problems when path is "arithmetic"
+    max_examples: int | None = None  # use only the first N training rows
+    template: Literal["auto", "chat", "none"] = "auto"  # chat template: auto = when the tokenizer has one
+    prompt_suffix: str = ""  # appended to every question (e.g. " Reply with only the final number.")
+    max_prompt_length: int = 512  # longer prompts are skipped and counted
+
+
+@dataclass
+class RewardFnConfig:
+    """One reward function of the run."""
+
+    name: str = "math_accuracy"  # a registered reward, or "module:function" / "file.py:function"
+    weight: float = 1.0  # weight in the combined reward
+    kwargs: dict[str, Any] = field(default_factory=dict)  # constructor arguments
+    on_error: Literal["raise", "none"] = "raise"  # a raising function fails the run, or scores None
+    timeout: float | None = 300.0  # seconds one call (a whole batch) may take; past it the batch scores None or fails the run, as on_error says (null: no deadline)
+
+
+@dataclass
+class RewardsConfig:
+    """The reward functions combined into each sample's reward."""
+
+    functions: list[RewardFnConfig] = field(default_factory=lambda: [RewardFnConfig()])  # combined by weight
+    accuracy: str | None = "math_accuracy"  # the component reported as accuracy (held-out too)
+
+
+@dataclass
+class GenerationEvalConfig:
+    """Held-out generation inside a supervised stage, as `align eval` measures it: greedy accuracy
+    and reward with reward functions, every N steps and after the last; off while `every` is 0."""
+
+    every: int = 0  # steps between generation evals (0 = off)
+    data: PromptConfig = field(default_factory=lambda: PromptConfig(path=""))  # prompts: eval_path, else path ("arithmetic" = generated held-out)
+    reward: RewardsConfig = field(default_factory=RewardsConfig)  # reward functions and the accuracy component
+    max_new_tokens: int = 64  # completion token limit
+    limit: int = 100  # prompts evaluated each time
+    log_samples: int = 16  # completions written to <output_dir>/samples/step_N.jsonl each time
+
+
+@dataclass
 class SFTConfig:
     """Supervised fine-tuning on demonstrations."""
 
@@ -131,6 +179,7 @@ class SFTConfig:
     data: DataConfig = field(default_factory=DataConfig)  # the demonstrations
     train: TrainConfig = field(default_factory=TrainConfig)  # the optimisation loop
     log: LogConfig = field(default_factory=LogConfig)  # metrics sinks
+    generate_eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)  # held-out generation every N steps
 
 
 # ----------------------------------------------------------------------------- loading

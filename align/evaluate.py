@@ -364,3 +364,54 @@ def summary_table(summary: dict[str, float]) -> str:
             if isinstance(v, (int, float)) and math.isfinite(v) else str(v)
         lines.append(f"{k:<{width}}  {shown}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- inside a stage
+class StageEvaluator:
+    """`generate_eval` of a supervised stage: `evaluator(model, step)` generates greedily on the
+    held-out prompts with the model as it is now (adapter folded into a copy), scores them, writes
+    samples/step_N.jsonl and returns eval/accuracy and eval/gen_reward."""
+
+    def __init__(self, cfg: Any, tokenizer: Any, run_dir: Path, seed: int = 0):
+        from align.rl import prompt_rows
+
+        if not (cfg.data.path or cfg.data.eval_path):
+            raise ConfigError("generate_eval.every > 0 needs generate_eval.data.path or .eval_path (prompts)")
+        self.cfg, self.tokenizer, self.run_dir = cfg, tokenizer, Path(run_dir)
+        train, held = prompt_rows(cfg.data, tokenizer, seed)
+        self.rows = (held or train)[: cfg.limit]
+        self.runner = reward_runner(cfg.reward)
+        self.rollout = RolloutConfig(max_new_tokens=cfg.max_new_tokens)
+
+    def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+        """Greedy accuracy / reward of `model` now; samples written for `align board`."""
+        from align.tuning import merged_model
+        from rollout.hf import HFEngine
+
+        if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+            raise ConfigError("generate_eval cannot fold a prompt-learning adapter into the weights; turn it off")
+        was_training = model.training
+        engine = HFEngine(merged_model(model), self.tokenizer, device=next(model.parameters()).device)
+        summary, samples = generation_eval(engine, self.rows, self.runner, self.cfg.reward.accuracy, self.rollout,
+                                           progress=False)
+        del engine
+        model.train(was_training)
+        if self.cfg.log_samples:
+            write_samples(self.run_dir / "samples" / f"step_{step:05d}.jsonl", samples[: self.cfg.log_samples])
+        out = {"eval/gen_reward": summary["greedy/reward"], "eval/response_length": summary["greedy/response_length"]}
+        if "accuracy" in summary:
+            out["eval/accuracy"] = summary["accuracy"]
+        return out
+
+    def close(self) -> None:
+        """Stop the reward functions' workers."""
+        self.runner.close()
+
+
+def stage_evaluator(cfg: Any, tokenizer: Any, run_dir: Path, seed: int = 0) -> StageEvaluator | None:
+    """The generation evaluator of a supervised stage's `generate_eval` section, on rank 0, or None."""
+    from align import distributed
+
+    if not cfg.every or not distributed.is_main():
+        return None
+    return StageEvaluator(cfg, tokenizer, run_dir, seed)

@@ -37,8 +37,9 @@ import algorithms
 from algorithms.preference import preference_names
 from align import data as D
 from align import distributed
-from align.config import (ConfigError, LogConfig, ModelConfig, PeftConfig, TrainConfig, from_dict, save_config,
+from align.config import (ConfigError, GenerationEvalConfig, LogConfig, ModelConfig, PeftConfig, TrainConfig, from_dict, save_config,
                           to_dict)
+from align.evaluate import stage_evaluator
 from align.models import load_causal_lm, load_tokenizer, resolve_model, set_threads
 from align.preference_data import PreferenceDataConfig, collate, encode_examples
 from align.preference_logps import can_share_prompt, sequence_logps
@@ -81,6 +82,7 @@ class PreferenceConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/preference", lr=5e-5))  # the loop
     log: LogConfig = field(default_factory=LogConfig)  # metrics sinks
     algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)  # the loss and its reference
+    generate_eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)  # held-out generation every N steps
 
 
 def build_algorithm(section: AlgorithmSection) -> Any:
@@ -247,11 +249,17 @@ def run(cfg: PreferenceConfig, model=None, tokenizer=None,
         attach_reference(model, evals, pad, cache, model_key, cfg.train.autocast, share, "eval")
     collate_fn = functools.partial(collate, pad_id=tokenizer.pad_token_id, kto=kto, share_prompt=share)
     loss_fn = functools.partial(preference_loss, algo=algo, reference=cfg.algorithm.reference, ref_model=ref_model)
+    gen_eval = stage_evaluator(cfg.generate_eval, tokenizer, run_dir, cfg.train.seed)
     trainer = Trainer(model, train, collate_fn, loss_fn, cfg.train, cfg.log, run_dir, to_dict(cfg), eval_examples=evals,
-                      after_backward=after_backward_hook(model, cfg.peft), callbacks=callbacks, desc=cfg.algorithm.name)
+                      after_backward=after_backward_hook(model, cfg.peft), callbacks=callbacks, desc=cfg.algorithm.name,
+                      generate_eval=gen_eval, generate_every=cfg.generate_eval.every)
     if cfg.train.resume and trainer.resume() and main:
         print(f"[align] resumed from step {trainer.step}", flush=True)
-    result = trainer.train()
+    try:
+        result = trainer.train()
+    finally:
+        if gen_eval is not None:
+            gen_eval.close()
     if main:
         _finish(cfg, model, tokenizer, run_dir)
     distributed.barrier()  # final/ is complete when run() returns on any process

@@ -28,6 +28,7 @@ from align.actors import ActorGroup
 from align.config import save_config, to_dict
 from align.device import resolve_dtype, use_gpus
 from align.episodes import episode_metrics
+from align.evaluate import score_samples, write_samples
 from align.experience import build_experience
 from align.models import load_tokenizer, resolve_model, set_threads
 from align.rl_config import PromptConfig, RLConfig
@@ -308,19 +309,14 @@ class RLRun:
 
     def score(self, samples: list[Sample]) -> dict[str, float]:
         """Set each sample's reward and components; returns the runner's metrics."""
-        columns: dict[str, list] = {}
-        for k in {k for s in samples for k in s.columns}:
-            columns[k] = [s.columns.get(k) for s in samples]
-        columns["completion_token_counts"] = [_model_tokens(s) for s in samples]  # an episode's tool output is not the model's length
-        res = self.rewards([s.prompt for s in samples], [s.completion for s in samples], columns)
-        for i, s in enumerate(samples):
-            s.reward = res.total[i]
-            s.reward_components = {name: vals[i] for name, vals in res.components.items()}
+        # an episode's tool output is not the model's length
+        metrics = score_samples(self.rewards, samples, [_model_tokens(s) for s in samples])
+        for s in samples:
             env_reward = s.episode["env_reward"] if s.episode else None
             if env_reward is not None:  # an environment's own reward adds to the reward functions'
                 s.reward = (s.reward or 0.0) + env_reward
                 s.reward_components["env"] = env_reward
-        return res.metrics
+        return metrics
 
     # -------------------------------------------------------------------- one training step
     def step(self) -> dict[str, Any]:
@@ -431,10 +427,12 @@ class RLRun:
         out = {"eval/reward": _mean([s.reward for s in samples]), "eval/n": len(samples)}
         if self.cfg.reward.accuracy and any(self.cfg.reward.accuracy in s.reward_components for s in samples):
             out["eval/accuracy"] = _mean([s.reward_components.get(self.cfg.reward.accuracy) for s in samples])
+        run_dir = Path(self.cfg.train.output_dir)
         if self.episodes is not None:
             out.update({"eval/" + k: v for k, v in episode_metrics(samples).items()})
-            write_episodes(Path(self.cfg.train.output_dir) / "episodes" / f"step_{self.step_no:05d}.jsonl",
-                           samples[:self.cfg.env.log_episodes])
+            write_episodes(run_dir / "episodes" / f"step_{self.step_no:05d}.jsonl", samples[:self.cfg.env.log_episodes])
+        elif self.cfg.train.log_samples:
+            write_samples(run_dir / "samples" / f"step_{self.step_no:05d}.jsonl", samples[:self.cfg.train.log_samples])
         return out
 
     def save(self, run_dir: Path) -> Path:

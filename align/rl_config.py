@@ -4,23 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from align.config import LogConfig, ModelConfig, PeftConfig
-
-
-@dataclass
-class PromptConfig:
-    """Where prompts come from and how they become engine inputs."""
-
-    path: str = "arithmetic"  # JSONL / JSON / Parquet / datasets name, or "arithmetic" (generated)
-    prompt_field: str = "prompt"  # column with the prompt (a string or chat messages); GSM8K: "question"
-    split: str = "train"  # split of a datasets name
-    eval_path: str | None = None  # held-out prompts (never trained on); "arithmetic" = generated
-    eval_size: int = 100  # held-out prompts used for accuracy
-    train_size: int = 2000  # generated problems when path is "arithmetic"
-    max_examples: int | None = None  # use only the first N training rows
-    template: Literal["auto", "chat", "none"] = "auto"  # chat template: auto = when the tokenizer has one
-    prompt_suffix: str = ""  # appended to every question (e.g. " Reply with only the final number.")
-    max_prompt_length: int = 512  # longer prompts are skipped and counted
+# Prompts and rewards are shared with `align eval` and the supervised stages' generation evals.
+from align.config import LogConfig, ModelConfig, PeftConfig, PromptConfig, RewardFnConfig, RewardsConfig  # noqa: F401
 
 
 @dataclass
@@ -103,25 +88,6 @@ class AlgorithmConfig:
 
 
 @dataclass
-class RewardFnConfig:
-    """One reward function of the run."""
-
-    name: str = "math_accuracy"  # a registered reward, or "module:function" / "file.py:function"
-    weight: float = 1.0  # weight in the combined reward
-    kwargs: dict[str, Any] = field(default_factory=dict)  # constructor arguments
-    on_error: Literal["raise", "none"] = "raise"  # a raising function fails the run, or scores None
-    timeout: float | None = 300.0  # seconds one call (a whole batch) may take; past it the batch scores None or fails the run, as on_error says (null: no deadline)
-
-
-@dataclass
-class RewardsConfig:
-    """The reward functions combined into each sample's reward."""
-
-    functions: list[RewardFnConfig] = field(default_factory=lambda: [RewardFnConfig()])  # combined by weight
-    accuracy: str | None = "math_accuracy"  # the component reported as accuracy (held-out too)
-
-
-@dataclass
 class CriticConfig:
     """The value model (PPO only): a token-level head on a causal LM."""
 
@@ -154,6 +120,7 @@ class RLTrainConfig:
     resume: bool = False  # continue from the newest complete checkpoint
     eval_every: int = 0  # steps between held-out evals (0 = before and after only)
     eval_before: bool = True  # measure held-out accuracy before training
+    log_samples: int = 16  # held-out completions written to <output_dir>/samples/step_N.jsonl at each eval (what `align board` shows)
     save_final: bool = True  # write final/ (adapter or model) at the end
 
 

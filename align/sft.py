@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from align import data as D
 from align import distributed
 from align.config import SFTConfig, save_config, to_dict
+from align.evaluate import stage_evaluator
 from align.models import load_causal_lm, load_tokenizer, resolve_model, set_threads
 from align.trainer import Trainer, TrainResult, plan_steps
 from align.tuning import after_backward_hook, apply_tuning, count_parameters, quantization_config, save_final
@@ -104,12 +105,17 @@ def run(cfg: SFTConfig, model=None, tokenizer=None,
     peft_prompt = getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False)
     collate = functools.partial(_collate, pad_id=tokenizer.pad_token_id, packed=cfg.data.packing,
                                 peft_prompt=peft_prompt)
+    gen_eval = stage_evaluator(cfg.generate_eval, tokenizer, run_dir, cfg.train.seed)
     trainer = Trainer(model, train, collate, sft_loss, cfg.train, cfg.log, run_dir, to_dict(cfg),
                       eval_examples=evals, after_backward=after_backward_hook(model, cfg.peft),
-                      callbacks=callbacks, desc="sft")
+                      callbacks=callbacks, desc="sft", generate_eval=gen_eval, generate_every=cfg.generate_eval.every)
     if cfg.train.resume and trainer.resume() and main:
         print(f"[align] resumed from step {trainer.step}", flush=True)
-    result = trainer.train()
+    try:
+        result = trainer.train()
+    finally:
+        if gen_eval is not None:
+            gen_eval.close()
     if main:
         save_final(model, tokenizer, run_dir / "final", merged=cfg.train.save_merged)
     distributed.barrier()  # final/ is complete when run() returns on any process

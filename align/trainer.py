@@ -92,10 +92,13 @@ class Trainer:
     def __init__(self, model: nn.Module, examples: Sequence[Any], collate_fn: Callable[[list[Any]], dict],
                  loss_fn: LossFn, train_cfg: TrainConfig, log_cfg: LogConfig, run_dir: Path,
                  config: dict[str, Any], eval_examples: Sequence[Any] = (), after_backward=None,
-                 callbacks: Sequence[Callable[[int, dict], None]] = (), desc: str = "train"):
+                 callbacks: Sequence[Callable[[int, dict], None]] = (), desc: str = "train",
+                 generate_eval: Callable[[nn.Module, int], dict] | None = None, generate_every: int = 0):
         self.examples, self.collate_fn, self.loss_fn = examples, collate_fn, loss_fn
         self.cfg, self.log_cfg, self.run_dir, self.config = train_cfg, log_cfg, Path(run_dir), config
         self.eval_examples, self.after_backward, self.callbacks, self.desc = eval_examples, after_backward, callbacks, desc
+        # generation evals (align.evaluate.StageEvaluator) run on rank 0: one engine, one file of samples
+        self.generate_eval, self.generate_every = generate_eval, generate_every
         self.device = distributed.init_from_env(train_cfg.device)
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.model = place_model(model, self.device)
@@ -200,18 +203,31 @@ class Trainer:
                 result.history.append(record)
                 if self.cfg.eval_every and self.eval_examples and self.step % self.cfg.eval_every == 0:
                     self._eval(result, tracker)
+                if self.generate_every and self.step % self.generate_every == 0:
+                    self._generate_eval(result, tracker)
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0:
                     self._save()
                 for cb in self.callbacks:
                     cb(self.step, record)
             if self.eval_examples and not (result.eval_history and result.eval_history[-1]["step"] == self.step):
                 self._eval(result, tracker)
+            if self.generate_every and self.step % self.generate_every:
+                self._generate_eval(result, tracker)
             self._save()
         finally:
             if tracker is not None:
-                tracker.close(plots={"loss": ["loss", "eval/loss"]})
+                tracker.close(plots={"loss": ["loss", "eval/loss"], "accuracy": ["eval/accuracy"]})
         result.step = self.step
         return result
+
+    def _generate_eval(self, result: TrainResult, tracker: Tracker | None) -> None:
+        """Held-out generation (rank 0), logged and recorded with the loss evals."""
+        if not distributed.is_main() or self.generate_eval is None:
+            return
+        ev = self.generate_eval(self.model, self.step)
+        if tracker is not None:
+            tracker.log(self.step, ev)
+        result.eval_history.append({"step": self.step, **ev})
 
     def _eval(self, result: TrainResult, tracker: Tracker | None) -> None:
         """Evaluate (every process), record, and log (rank 0)."""

@@ -148,3 +148,30 @@ def test_lm_eval_local_task_matches_hand_loglikelihoods(tmp_path):
                 scores.append(sum(logp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont)))
             hits += int(max(range(2), key=scores.__getitem__) == r["label"])
     assert acc == pytest.approx(hits / len(rows))
+
+
+def test_sft_generation_eval_every_n_steps_equals_align_eval(tmp_path):
+    from align import sft
+    from align.config import SFTConfig
+    from align.tracking import read_metrics
+
+    base = save_tiny_model(tmp_path / "base")
+    demos = write_jsonl(tmp_path / "d.jsonl", [{"prompt": r["prompt"], "completion": "a " + r["answer"]}
+                                               for r in _rows(16)])
+    prompts = write_jsonl(tmp_path / "p.jsonl", _rows(6))
+    run = tmp_path / "run"
+    cfg = load_config(SFTConfig, None, [
+        f"model.name={base}", f"data.path={demos}", f"train.output_dir={run}", "train.max_steps=3", "train.lr=5e-2",
+        "peft.r=4", "log.progress=false", "train.num_threads=1", "generate_eval.every=2",
+        f"generate_eval.data.path={prompts}", "generate_eval.max_new_tokens=6", "generate_eval.log_samples=4",
+        *[f"generate_eval.{kv}" for kv in REWARD]])
+    sft.run(cfg)
+    evals = [r for r in read_metrics(run / "metrics.jsonl") if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [2, 3]  # every 2 steps, and after the last
+    assert len((run / "samples" / "step_00002.jsonl").read_text().splitlines()) == 4
+    out = tmp_path / "out"
+    assert main(["eval", str(run), f"data.path={prompts}", *REWARD, "rollout.max_new_tokens=6",
+                 f"eval.output_dir={out}", "log.progress=false"]) == 0
+    assert json.loads((out / "summary.json").read_text())["accuracy"] == pytest.approx(evals[-1]["eval/accuracy"])
+    written = [json.loads(x)["completion"] for x in (run / "samples" / "step_00003.jsonl").read_text().splitlines()]
+    assert written == [r["completion"] for r in _outputs(out)][:4]
