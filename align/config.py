@@ -115,9 +115,11 @@ class LogConfig:
     """Where metrics go."""
 
     wandb: bool = False  # also log to Weights & Biases
+    tensorboard: bool = False  # also write TensorBoard event files to <output_dir>/tensorboard (`tensorboard --logdir runs`)
+    trackio: bool = False  # also log to trackio (TRL's default), stored locally under $TRACKIO_DIR (`trackio show`)
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"  # online needs WANDB_API_KEY in the environment
-    project: str = "align"  # wandb project
-    run_name: str | None = None  # wandb run name (default: the run directory's name)
+    project: str = "align"  # wandb / trackio project
+    run_name: str | None = None  # wandb / trackio run name (default: the run directory's name)
     progress: bool = True  # show a progress bar
     plot: bool = True  # write PNG curves to plots/ at the end
 

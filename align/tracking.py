@@ -1,8 +1,11 @@
-"""Metrics sinks: `metrics.jsonl` in the run directory, a progress bar, wandb, and PNG plots.
+"""Metrics sinks: `metrics.jsonl` in the run directory, a progress bar, wandb, TensorBoard,
+trackio, and PNG plots.
 
-wandb runs offline unless the user asks otherwise (no network here, and no key is ever written to
-the run directory: the API key is read from the environment by wandb itself, and the run's config
-reaches wandb redacted, as config.yaml is).
+Every backend is local unless the user asks otherwise: wandb runs offline (no key is ever written
+to the run directory: wandb reads it from the environment, and the run's config reaches it
+redacted, as config.yaml is), TensorBoard writes event files into the run directory, trackio keeps
+its SQLite store under $TRACKIO_DIR (default ~/.cache/huggingface/trackio) and is never pointed at
+a Space by align.
 """
 from __future__ import annotations
 
@@ -55,6 +58,18 @@ class Tracker:
             self._wandb = wandb.init(project=cfg.project, name=cfg.run_name or self.run_dir.name,
                                      dir=str(self.run_dir), config=redact(config or {}), resume="allow",
                                      id=self._wandb_id())
+        self._tb = None
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: a resumed run's events past its checkpoint are dropped, as in metrics.jsonl
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self._trackio = None
+        if cfg.trackio:
+            import trackio
+
+            self._trackio = trackio.init(project=cfg.project, name=cfg.run_name or self.run_dir.name,
+                                         config=redact(config or {}), resume="allow", embed=False)
         self._t0 = time.time()
 
     def _wandb_id(self) -> str:
@@ -79,8 +94,15 @@ class Tracker:
         rec.update({k: _plain(v) for k, v in metrics.items()})
         self._file.write(json.dumps(rec) + "\n")
         self._file.flush()
+        numbers = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"}
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=step)
+            self._wandb.log(numbers, step=step)
+        if self._tb is not None:
+            for k, v in numbers.items():
+                self._tb.add_scalar(k, v, step)
+            self._tb.flush()  # the board and `tensorboard` read while the run goes on
+        if self._trackio is not None:
+            self._trackio.log({k: v for k, v in numbers.items() if k != "time"}, step=step)  # trackio keeps its own time
         if self._bar is not None:
             if show:
                 self._bar.set_postfix({k: f"{rec[k]:.4g}" for k in show if isinstance(rec.get(k), (int, float))},
@@ -101,6 +123,10 @@ class Tracker:
             self._bar.close()
         if self._wandb is not None:
             self._wandb.finish()
+        if self._tb is not None:
+            self._tb.close()
+        if self._trackio is not None:
+            self._trackio.finish()
         if plots and self.cfg.plot:
             plot_metrics(self.path, self.run_dir / "plots", plots)
 
