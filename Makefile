@@ -37,6 +37,8 @@ main: $(STAMP)
 	$(RUN_ENV) $(PY) examples/main.py $(ARGS)
 
 test: $(STAMP)
+	# the board's browser test opens the page in Debian's chromium (a system package, root only)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium)
 	$(RUN_ENV) $(PY) -m pytest -q $(ARGS)
 
 # The GPU checks need no .venv: a lent GPU machine has CUDA torch, transformers and peft but no

@@ -85,6 +85,13 @@ def _eval(args: list[str]) -> None:
                           "RUN/final, RUN/checkpoints/step-N or a run directory")
     target, (path, overrides) = args[0], _split(args[1:])
     base, _ = evaluate.run_config_for(target)
+    if path is not None and path.endswith((".yaml", ".yml")) and __import__("os").path.isfile(path):
+        import yaml
+
+        loaded = yaml.safe_load(open(path)) or {}
+        stage_keys = set(loaded) - {f.name for f in __import__("dataclasses").fields(evaluate.EvalConfig)}
+        if isinstance(loaded, dict) and stage_keys:  # another stage's config (a run's config.yaml): its prompts and rewards
+            base, path = {**base, **evaluate.eval_sections(loaded)}, None
     cfg = load_config(evaluate.EvalConfig, path, overrides, base=base)
     cfg.eval.target = target
     summary = evaluate.run(cfg)
@@ -110,6 +117,45 @@ def _merge(args: list[str]) -> None:
     print(f"[align] merged model written to {ns.out}")
 
 
+def _export(args: list[str]) -> None:
+    """Export a model or adapter as GGUF + Ollama Modelfile (checked by loading it back), or merged HF."""
+    p = argparse.ArgumentParser(prog="align export", description=_export.__doc__)
+    p.add_argument("src", help="a model directory, an adapter directory (e.g. RUN/final) or smollm2-135m-instruct")
+    p.add_argument("out", help="the output directory")
+    p.add_argument("--format", choices=("gguf", "hf"), default="gguf",
+                   help="hf: an adapter merged into a plain HF model, as align merge")
+    p.add_argument("--outtype", choices=("f16", "q8_0", "f32"), default="f16", help="GGUF weight type (default f16)")
+    p.add_argument("--no-check", action="store_true", help="skip reading the GGUF back and comparing")
+    ns = p.parse_args(args)
+    if ns.format == "hf":
+        return _merge([ns.src, ns.out])
+    import time
+
+    from align import gguf_export
+
+    start = time.time()
+    try:
+        model, tok, name = gguf_export.load_source(ns.src)
+        path = gguf_export.export_gguf(model, ns.out, ns.outtype, tokenizer=tok, name=name)
+    except gguf_export.GGUFExportError as exc:
+        raise ConfigError(str(exc)) from None
+    print(f"[align] wrote {path} ({path.stat().st_size / 2**20:.1f} MiB) and {path.parent / 'Modelfile'} "
+          f"in {time.time() - start:.1f}s")
+    if ns.no_check:
+        return
+    start = time.time()
+    r = gguf_export.check_gguf(path, model, tok, gguf_export.DEFAULT_PROMPTS)
+    m = r["divergence_margins"]  # where greedy outputs part, how close the reference's top two were
+    ties = f" ({len(m)} part at near-ties: the reference's top two logits {max(m):.3g} apart at most)" if m else ""
+    print(f"[align] read back by transformers ({time.time() - start:.1f}s): tokenizer ids equal on "
+          f"{r['tokenizer_ids_equal']}/{r['tokenizer_strings']} strings (decoding on {r['decode_equal']}), chat template "
+          f"{'equal' if r['chat_template_equal'] else 'DIFFERS'}, greedy outputs equal on {r['greedy_equal']}/"
+          f"{r['prompts']} prompts{ties}, max |logit diff| {r['max_abs_logit_diff']:.3g} "
+          f"({r['max_rel_logit_diff']:.2%} of the largest logit)")
+    if min(r["tokenizer_ids_equal"], r["decode_equal"]) < r["tokenizer_strings"] or not r["chat_template_equal"]:
+        raise SystemExit(1)
+
+
 def _board(args: list[str]) -> None:
     """Serve the web board over a directory of runs (curves, samples, episodes, configs, sweeps)."""
     p = argparse.ArgumentParser(prog="align board", description=_board.__doc__)
@@ -124,7 +170,7 @@ def _board(args: list[str]) -> None:
     board.serve(__import__("pathlib").Path(ns.runs_dir), host=ns.host, port=ns.port)
 
 
-STAGES = {"sft": _sft, "rm": _rm, "rl": _rl, "preference": _preference, "sweep": _sweep, "eval": _eval, "merge": _merge, "board": _board}
+STAGES = {"sft": _sft, "rm": _rm, "rl": _rl, "preference": _preference, "sweep": _sweep, "eval": _eval, "merge": _merge, "export": _export, "board": _board}
 
 
 def main(argv: list[str] | None = None) -> int:

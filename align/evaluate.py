@@ -37,7 +37,7 @@ class EvalSection:
     temperature: float = 1.0  # generate: temperature of the pass@k samples
     limit: int | None = None  # evaluate only the first N prompts / pairs
     output_dir: str = "runs/eval"  # where outputs.jsonl and summary.json are written
-    batch_size: int = 16  # reward_model / preference: pairs per forward
+    batch_size: int = 32  # prompts per engine call (generate) or pairs per forward (reward_model / preference)
     reference: str | None = None  # preference: the reference model (default: the adapter's base model)
     beta: float = 0.1  # preference: scale of the implicit reward (accuracy does not depend on it)
     lm_eval_tasks: list[str] = field(default_factory=list)  # lm-evaluation-harness task names (run as well)
@@ -87,7 +87,13 @@ def run_config_for(target: str) -> tuple[dict[str, Any], str]:
         run = p.parent.parent
     if run is None:
         return {}, target
-    cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    return eval_sections(yaml.safe_load((run / "config.yaml").read_text()) or {}), str(p)
+
+
+def eval_sections(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The sections of a stage's config that `align eval` uses: the model and its tuning, the
+    prompts and rewards of an RL run, the pairs of a reward-model or preference run."""
+    cfg = dict(cfg)
     if "reward" in cfg and not isinstance(cfg["reward"].get("functions"), list):
         cfg.pop("reward")  # a reward-model run's `reward` section is its loss, not reward functions
     data = cfg.get("data") or {}
@@ -97,7 +103,10 @@ def run_config_for(target: str) -> tuple[dict[str, Any], str]:
             known = {f.name for f in dataclasses.fields(DataConfig)}  # a preference run's has KTO's fields too
             cfg["pairs"] = {**{k: v for k, v in data.items() if k in known},
                             "path": data.get("eval_path") or data.get("path"), "eval_path": None}
-    return {k: cfg[k] for k in RUN_SECTIONS if k in cfg}, str(p)
+    out = {k: cfg[k] for k in RUN_SECTIONS if k in cfg}
+    if isinstance((cfg.get("train") or {}).get("seed"), int):  # generated held-out problems depend on the run's seed
+        out["eval"] = {"seed": cfg["train"]["seed"]}
+    return out
 
 
 def load_policy(cfg: EvalConfig, path: str) -> tuple[torch.nn.Module, Any, str | None]:
@@ -340,7 +349,7 @@ def run(cfg: EvalConfig) -> dict[str, float]:
             try:
                 summary, samples = generation_eval(engine, rows, runner, cfg.reward.accuracy, cfg.rollout,
                                                    cfg.eval.samples, cfg.eval.temperature, cfg.eval.seed,
-                                                   cfg.log.progress)
+                                                   cfg.log.progress, cfg.eval.batch_size)
             finally:
                 runner.close()
             records = [sample_record(s) | {"kind": "greedy" if i < len(rows) else "sampled"}
