@@ -214,3 +214,7 @@ def test_default_model_round_trip(tmp_path):
                                                                       add_generation_prompt=True)
     types = {t.name for t in gguf.GGUFReader(path).tensors}
     assert "output.weight" not in types  # tied embeddings: llama.cpp reuses token_embd
+    # f16: exactly the same greedy outputs (its rounding is far below these prompts' top-two gaps)
+    r16 = check_gguf(export_gguf(src, tmp_path / "f16", "f16"), model, tok, prompts[:1], max_new_tokens=12)
+    assert r16["greedy_equal"] == 1 and r16["tokenizer_ids_equal"] == r16["tokenizer_strings"]
+    assert r16["max_rel_logit_diff"] < r["max_rel_logit_diff"]
