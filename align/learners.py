@@ -176,6 +176,11 @@ class DataParallel(Placed):
                       "weight_decay": group["weight_decay"], "torch_adam": True, "adam_w_mode": True}},
                   "steps_per_print": 2**31,
                   "bf16": {"enabled": self.amp == "bfloat16" and self.device.type == "cuda"}}
+        if self.device.type == "cpu":
+            # DeepSpeed's CPU backend compiles a shared-memory op (30-50 s of g++ on every fresh
+            # machine) that serves only its inference all-reduce; ZeRO training never calls it, so
+            # it is marked unavailable and gloo's all-reduce does the work, as it would anyway
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         scheduler = getattr(self, "scheduler", None)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.model, model_parameters=self.params, config=config, dist_init_required=False)

@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO-2 / ZeRO-3 through the `align rl` config (train.zero_stage): two data-parallel
 learners (Ray actors, gloo) take the steps one plain learner takes, and a run resumed from a ZeRO
 checkpoint (every rank's optimizer partition) reaches the parameters of the uninterrupted run.
-The first DeepSpeed start builds a small op (30-50 s, cached under ~/.cache/torch_extensions)."""
+No DeepSpeed op is compiled on CPUs (align.learners marks the shared-memory inference op unused)."""
 import json
 import shutil
 
