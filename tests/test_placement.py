@@ -167,7 +167,7 @@ def test_two_learners_on_two_nodes_equal_one_learner(tmp_path):
     out = json.loads(line[0][len("RESULT"):])
     assert len(set(out["nodes2"])) == 2  # one learner per node
     assert out["rewards2"] == out["rewards1"]  # the same samples: engines saw the same weights
-    w1, w2 = torch.load(tmp_path / "w1.pt"), torch.load(tmp_path / "w2.pt")
+    w1, w2 = torch.load(tmp_path / "w1.pt", weights_only=True), torch.load(tmp_path / "w2.pt", weights_only=True)
     assert any(v.abs().max() > 1e-3 for k, v in w1.items() if "lora_B" in k)
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=1e-4), (k, (w1[k] - w2[k]).abs().max())
