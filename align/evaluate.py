@@ -326,11 +326,7 @@ def run(cfg: EvalConfig) -> dict[str, float]:
         raise ConfigError("eval.target is empty: name a model, adapter, final/, checkpoint or run directory")
     out_dir = Path(cfg.eval.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = cfg.eval.target
-    if (Path(path) / "config.yaml").is_file() and (Path(path) / "final").is_dir():
-        path = str(Path(path) / "final")
-    elif (Path(path) / "config.yaml").is_file() and (Path(path) / "checkpoints").is_dir():
-        path = run_config_for(path)[1]
+    path = run_config_for(cfg.eval.target)[1]  # a run directory: its final/, else its newest checkpoint
     save_config(cfg, out_dir / "config.yaml")
     records: list[dict] = []
     if cfg.eval.task in ("reward_model", "preference"):
