@@ -291,9 +291,10 @@ class PolicyLearner(DataParallel):
                  temperature: float = 1.0, micro_batch_size: int = 8, seed: int = 0, num_threads: int = 0,
                  model: torch.nn.Module | None = None, amp: str = "none", zero_stage: int = 0,
                  zero_offload: bool = False, device: str = "auto", micro_batch_tokens: int = 0,
-                 packing: bool = False):
+                 packing: bool = False, share_prompt: bool = False):
         self._setup(seed, num_threads, device, amp, zero_stage, zero_offload)
-        self.tokens, self.packing = micro_batch_tokens, packing  # micro-batch plan (align.logprobs.micro_batches)
+        # micro-batch plan and forward (align.logprobs.micro_batches / sequence_logprobs)
+        self.tokens, self.packing, self.shared = micro_batch_tokens, packing, share_prompt
         if peft_cfg.method in ("prefix", "prompt", "ptuning", "bitfit"):
             raise ValueError(f"peft.method={peft_cfg.method} changes the model's structure in a way no rollout "
                              "engine can serve yet; RL takes full, freeze, lora, qlora, dora, adalora or ia3")
@@ -320,13 +321,13 @@ class PolicyLearner(DataParallel):
         with autocast(self.device, self.amp):
             if old:
                 out["old_logprobs"] = logprobs_in_chunks(self.net, exp, self.micro, self.temperature,
-                                                         self.tokens, self.packing)
+                                                         self.tokens, self.packing, self.shared)
             if ref:
                 if not is_peft(self.model):
                     raise RuntimeError("reference logprobs of a non-PEFT policy come from a ReferenceWorker")
                 with self.model.disable_adapter():
                     out["ref_logprobs"] = logprobs_in_chunks(self.net, exp, self.micro, self.temperature,
-                                                             self.tokens, self.packing)
+                                                             self.tokens, self.packing, self.shared)
         self.model.train()
         return to_host(out)
 
@@ -340,10 +341,11 @@ class PolicyLearner(DataParallel):
 
         mini = mini.to(self.device)
         counts = self._global_counts(normalizers(mini.action_mask))
-        micro = micro_batches(mini, self.micro, self.tokens, self.packing)
+        micro = micro_batches(mini, self.micro, self.tokens, self.packing, self.shared)
         for k, (_, mb) in enumerate(micro):
             with autocast(self.device, self.amp):
-                lp, ent = sequence_logprobs(self.net, mb, self.temperature, self.packing, with_entropy=True)
+                lp, ent = sequence_logprobs(self.net, mb, self.temperature, self.packing, with_entropy=True,
+                                            shared=self.shared)
             fields = {k: v for k, v in mb.tensors().items() if k not in ("input_ids", "attention_mask")}
             loss, metrics = loss_fn(logprobs=lp, **fields, **counts, **(correction or {}))
             self._backward(loss, boundary=k == len(micro) - 1)

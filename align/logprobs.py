@@ -128,6 +128,48 @@ def packed_token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_m
     return full, torch.zeros((B, T), dtype=ent.dtype, device=ent.device).index_put((rows, cols), ent)
 
 
+def shared_prompt_token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                                 prompt_len: int, temperature: float = 1.0, with_entropy: bool = False
+                                 ) -> tuple[Tensor, Tensor | None]:
+    """`token_logprobs` with each distinct prompt computed once: the rows' prompts (a GRPO group's
+    samples share theirs) run without their last token as U unique rows whose KV cache is then
+    copied to the B rows (gradients flow back through the copy and sum), and only the last prompt
+    token and the completions run per row. Same layout, positions and numbers as the padded path;
+    falls back to it where nothing repeats, under gradient checkpointing (no cache), for models
+    whose head is not plain and under ZeRO-3."""
+    inner = getattr(model, "module", model)  # DDP / DeepSpeed wrap the model
+    P = prompt_len
+    if (P < 2 or not fast_head(inner) or hasattr(inner.get_output_embeddings().weight, "ds_id")
+            or getattr(inner, "is_gradient_checkpointing", False)):
+        return token_logprobs(model, input_ids, attention_mask, prompt_len, temperature, with_entropy)
+    prefix = torch.cat([input_ids[:, :P - 1] * attention_mask[:, :P - 1], attention_mask[:, :P - 1]], 1)
+    uniq, rows = torch.unique(prefix, dim=0, return_inverse=True)  # (U, 2P - 2), (B,)
+    if uniq.shape[0] == input_ids.shape[0]:
+        return token_logprobs(model, input_ids, attention_mask, prompt_len, temperature, with_entropy)
+    B, T = input_ids.shape
+    first = torch.zeros(uniq.shape[0], dtype=torch.long, device=rows.device).scatter_(
+        0, rows.flip(0), torch.arange(B - 1, -1, -1, device=rows.device))  # (U,) a row holding each prompt
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as the padded path
+    # the prompts through the bare model: under DDP only the second call may go through the wrapper
+    # (one forward per backward for its reducer); the gradient hooks see both uses either way
+    pre = inner(input_ids=input_ids[first, :P - 1], attention_mask=attention_mask[first, :P - 1],
+                position_ids=position_ids[first, :P - 1], use_cache=True, logits_to_keep=1)
+    cache = pre.past_key_values
+    cache.reorder_cache(rows)  # (U, ...) -> (B, ...): index_select, differentiable
+    out = model(input_ids=input_ids[:, P - 1:], attention_mask=attention_mask, position_ids=position_ids[:, P - 1:],
+                past_key_values=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
+    hidden = out.hidden_states[-1][:, :-1]  # (B, T - P, H): the state before each completion token
+    lp, ent = head_logprobs(inner.get_output_embeddings(), hidden.reshape(-1, hidden.shape[-1]),
+                            input_ids[:, P:].reshape(-1), temperature, with_entropy)
+    full = torch.zeros((B, T), dtype=lp.dtype, device=lp.device)
+    full[:, P:] = lp.view(B, -1)
+    if not with_entropy:
+        return full, None
+    ent_full = torch.zeros((B, T), dtype=ent.dtype, device=ent.device)
+    ent_full[:, P:] = ent.view(B, -1)
+    return full, ent_full
+
+
 def plan_micro_batches(lengths: list[int], max_rows: int, max_tokens: int = 0, packed: bool = False) -> list[list[int]]:
     """Row indices of each micro-batch. Without a token budget: consecutive runs of `max_rows`.
     With one (`max_tokens` > 0): rows longest first, cut so that each micro-batch computes at most
@@ -149,6 +191,32 @@ def plan_micro_batches(lengths: list[int], max_rows: int, max_tokens: int = 0, p
     return plans + [cur] if cur else plans
 
 
+def plan_shared_micro_batches(prompt_lens: list[int], completion_lens: list[int], groups: list[int],
+                              max_tokens: int) -> list[list[int]]:
+    """Row indices of each micro-batch when prompts are computed once per group
+    (`shared_prompt_token_logprobs`): whole groups, longest completions first, cut so that each
+    micro-batch computes at most `max_tokens` tokens (one padded prompt per group plus every row's
+    padded completion); a group over the budget goes alone."""
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    order = sorted(members.values(), key=lambda rows: -max(completion_lens[i] for i in rows))
+    plans: list[list[int]] = []
+    cur: list[int] = []
+    n_groups = long_p = long_c = 0
+    for rows in order:
+        p = max(long_p, max(prompt_lens[i] for i in rows))
+        c = max(long_c, max(completion_lens[i] for i in rows))
+        if cur and (n_groups + 1) * p + (len(cur) + len(rows)) * (c + 1) > max_tokens:
+            plans.append(cur)
+            cur, n_groups = [], 0
+            p = max(prompt_lens[i] for i in rows)
+            c = max(completion_lens[i] for i in rows)
+        cur += rows
+        n_groups, long_p, long_c = n_groups + 1, p, c
+    return plans + [cur] if cur else plans
+
+
 def trim(exp: Experience, left: bool = False) -> Experience:
     """Drop trailing columns that are padding in every row (a micro-batch of short completions)
     and, with `left`, leading ones too (short prompts; `prompt_len` moves with them)."""
@@ -161,10 +229,17 @@ def trim(exp: Experience, left: bool = False) -> Experience:
                       prompt_len=exp.prompt_len - first)
 
 
-def micro_batches(exp: Experience, rows: int, tokens: int = 0, packed: bool = False) -> list[tuple[Tensor, Experience]]:
+def micro_batches(exp: Experience, rows: int, tokens: int = 0, packed: bool = False,
+                  shared: bool = False) -> list[tuple[Tensor, Experience]]:
     """(row indices, micro-batch trimmed of all-padding columns) pairs that cover `exp`, planned by
-    `plan_micro_batches`: `rows` rows each, or a budget of `tokens` tokens (real ones when `packed`)."""
-    plans = plan_micro_batches(exp.attention_mask.sum(1).tolist(), rows, tokens, packed)
+    `plan_micro_batches`: `rows` rows each, or a budget of `tokens` tokens (real ones when `packed`;
+    whole groups with their prompt counted once when `shared`: `plan_shared_micro_batches`)."""
+    if shared and tokens > 0 and not packed:
+        P = exp.prompt_len
+        plans = plan_shared_micro_batches(exp.attention_mask[:, :P].sum(1).tolist(),
+                                          exp.attention_mask[:, P:].sum(1).tolist(), exp.group_ids.tolist(), tokens)
+    else:
+        plans = plan_micro_batches(exp.attention_mask.sum(1).tolist(), rows, tokens, packed)
     out = []
     for plan in plans:
         idx = torch.tensor(plan, dtype=torch.long)
@@ -173,9 +248,10 @@ def micro_batches(exp: Experience, rows: int, tokens: int = 0, packed: bool = Fa
 
 
 def sequence_logprobs(model: torch.nn.Module, mb: Experience, temperature: float, packed: bool,
-                      with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-    """`token_logprobs` of a micro-batch, packed (`packed_token_logprobs`) or padded."""
-    fn = packed_token_logprobs if packed else token_logprobs
+                      with_entropy: bool = False, shared: bool = False) -> tuple[Tensor, Tensor | None]:
+    """`token_logprobs` of a micro-batch: packed (`packed_token_logprobs`), prompts computed once
+    (`shared_prompt_token_logprobs`) or padded."""
+    fn = packed_token_logprobs if packed else shared_prompt_token_logprobs if shared else token_logprobs
     return fn(model, mb.input_ids, mb.attention_mask, mb.prompt_len, temperature, with_entropy)
 
 
@@ -185,13 +261,13 @@ def pad_to(x: Tensor, T: int) -> Tensor:
 
 
 def logprobs_in_chunks(model: torch.nn.Module, exp: Experience, micro: int, temperature: float,
-                       tokens: int = 0, packed: bool = False) -> Tensor:
+                       tokens: int = 0, packed: bool = False, shared: bool = False) -> Tensor:
     """(B, T) token logprobs of `exp` without gradients, in micro-batches of `micro` rows (or a
-    budget of `tokens` tokens, packed or padded: `micro_batches`), on `exp`'s device."""
+    budget of `tokens` tokens, packed, padded or prompt-shared: `micro_batches`), on `exp`'s device."""
     out = torch.zeros(exp.input_ids.shape, dtype=torch.float32, device=exp.input_ids.device)
     with torch.no_grad():
-        for idx, mb in micro_batches(exp, micro, tokens, packed):
-            lp, _ = sequence_logprobs(model, mb, temperature, packed)
+        for idx, mb in micro_batches(exp, micro, tokens, packed, shared):
+            lp, _ = sequence_logprobs(model, mb, temperature, packed, shared=shared)
             left = exp.prompt_len - mb.prompt_len  # columns trimmed on the left
             out[idx.to(out.device), left:left + lp.shape[1]] = lp.float()
     return out

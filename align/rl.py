@@ -176,6 +176,7 @@ class RLRun:
         self.learner = ActorGroup(PolicyLearner, n_learners, cfg.model, cfg.peft, t.lr, t.max_steps,
                                   weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, temperature=r.temperature,
                                   micro_batch_tokens=cfg.algorithm.micro_batch_tokens, packing=cfg.algorithm.packing,
+                                  share_prompt=cfg.algorithm.share_prompt,
                                   model=model, placement=self._slots("learner"), **common)
         self.reference = None
         if roles["reference"]:
@@ -497,8 +498,8 @@ class RolloutWorkerDied(RuntimeError):
 
 def rollout_correction(cfg: RLConfig, model: Any, on_gpu: bool = False, overlap: bool = False) -> str:
     """The run's rollout-correction mode: `algorithm.rollout_correction`, where "auto" means TIS
-    (token-truncate) when the engine's log-probs differ from the learner's: other numerics (vLLM
-    kernels, an engine in another dtype, a QLoRA learner whose engine serves the dequantised base)
+    (token-truncate) when the engine's log-probs differ from the learner's: other numerics (vLLM or
+    llama.cpp kernels, an engine in another dtype, a QLoRA learner whose engine serves the dequantised base)
     or older weights (`overlap`: one step behind), else off."""
     mode = cfg.algorithm.rollout_correction
     if mode != "auto":
@@ -507,7 +508,7 @@ def rollout_correction(cfg: RLConfig, model: Any, on_gpu: bool = False, overlap:
 
     # an "auto" dtype as the engines will resolve it (GPUs are taken to have fast bf16)
     engine_dtype = "bfloat16" if on_gpu and cfg.rollout.dtype == "auto" else resolve_dtype(cfg.rollout.dtype, "cpu")
-    differs = (overlap or resolve_backend(cfg.rollout.backend, model) == "vllm" or engine_dtype != cfg.model.dtype
+    differs = (overlap or resolve_backend(cfg.rollout.backend, model) in ("vllm", "llamacpp") or engine_dtype != cfg.model.dtype
                or cfg.peft.method == "qlora")
     return "token-truncate" if differs else "off"
 

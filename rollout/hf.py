@@ -18,7 +18,7 @@ from torch import Tensor
 
 from align.device import HOST, empty_cache, worker_device
 from align.types import Sample
-from rollout.base import SamplingParams, check_columns, truncate_at_stop
+from rollout.base import SamplingParams, StopStrings, check_columns, finish_sample
 from rollout.lora import LoraDelta, merged_weight, parse_lora
 
 
@@ -27,24 +27,6 @@ def _dtype(dtype: str | torch.dtype) -> str | torch.dtype:
     if isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
     return getattr(torch, dtype)
-
-
-class _StopStrings:
-    """A stopping criterion: a row is done once its recent generated text holds a stop string."""
-
-    def __init__(self, tokenizer: Any, stop: list[str], prompt_len: int) -> None:
-        self.tokenizer = tokenizer
-        self.stop = [s for s in stop if s]
-        self.prompt_len = prompt_len
-        # a stop string of L characters spans at most 4 L byte-level tokens (UTF-8), plus the
-        # token that completes it: decoding that tail suffices, instead of the whole completion
-        self.window = 4 * max((len(s) for s in self.stop), default=1) + 2
-
-    def __call__(self, input_ids: Tensor, scores: Any, **kwargs: Any) -> Tensor:
-        tails = input_ids[:, max(self.prompt_len, input_ids.shape[1] - self.window):]  # (B, <=w)
-        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
-        return torch.tensor([any(s in t for s in self.stop) for t in texts],
-                            dtype=torch.bool, device=input_ids.device)  # (B,)
 
 
 def _left_padded(prompt_ids: list[list[int]], P: int, pad_id: int) -> tuple[Tensor, Tensor]:
@@ -125,8 +107,8 @@ class HFEngine:
                 chunk = rows[start:start + self.max_batch_size]
                 outs = self._generate_batch([prompt_ids[i] for i in chunk], sampling)
                 for i, (ids, lps) in zip(chunk, outs):
-                    samples.append(self._sample(prompts[i], prompt_ids[i], ids, lps, sampling,
-                                                group_offset + i, columns[i]))
+                    samples.append(finish_sample(self.tokenizer, self.eos_ids, prompts[i], prompt_ids[i],
+                                                 ids, lps, sampling, group_offset + i, columns[i]))
         return samples
 
     @torch.no_grad()
@@ -145,7 +127,7 @@ class HFEngine:
                       top_k=max(sampling.top_k, 0))  # top_k 0 = off; None would mean 50 here
         if sampling.stop:
             from transformers import StoppingCriteriaList
-            kw["stopping_criteria"] = StoppingCriteriaList([_StopStrings(self.tokenizer,
+            kw["stopping_criteria"] = StoppingCriteriaList([StopStrings(self.tokenizer,
                                                                          sampling.stop, P)])
         if self.share_prefix:
             cache = self._prefill_once(prompt_ids, P)
@@ -179,40 +161,6 @@ class HFEngine:
         cache = out.past_key_values
         cache.reorder_cache(torch.tensor(rows, device=self.device))  # (U, ...) -> (B, ...): row b gets its prompt's
         return cache
-
-    def _sample(self, prompt: str, prompt_ids: list[int], ids: list[int],
-                lps: list[float] | None, sampling: SamplingParams, group_id: int,
-                columns: dict[str, Any]) -> Sample:
-        """Cut one generated row at EOS or at the first stop string and wrap it as a Sample."""
-        end = next((k + 1 for k, t in enumerate(ids) if t in self.eos_ids), None)
-        finish = "stop" if end is not None else "length"
-        ids = ids[:end] if end is not None else ids  # EOS kept; rows that hit it early are padded
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        if sampling.stop:
-            cut, hit = truncate_at_stop(text, sampling.stop)
-            if hit:
-                # like vLLM: the ids end with the token that completed the stop string (the model
-                # did sample it, the learner trains on it); the text ends before the stop string
-                ids = ids[:self._stop_prefix(ids, sampling.stop)]
-                text = truncate_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True),
-                                        sampling.stop)[0]
-                finish = "stop"
-        return Sample(prompt=prompt, prompt_ids=list(prompt_ids), completion=text,
-                      completion_ids=ids, logprobs=None if lps is None else lps[:len(ids)],
-                      finish_reason=finish, group_id=group_id, columns=dict(columns))
-
-    def _stop_prefix(self, ids: list[int], stop: list[str]) -> int:
-        """Fewest leading tokens whose text holds a stop string (binary search: a prefix's text
-        only grows, so "holds a stop string" is monotone in the prefix length)."""
-        lo, hi = 1, len(ids)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            text = self.tokenizer.decode(ids[:mid], skip_special_tokens=True)
-            if truncate_at_stop(text, stop)[1]:
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo
 
     # ------------------------------------------------------------------ weight sync
     @torch.no_grad()

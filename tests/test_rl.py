@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import algorithms
+import align.logprobs
 from align import rl
 from align.config import PeftConfig, ModelConfig, load_config, to_dict
 from align.experience import build_experience
@@ -155,10 +156,11 @@ def test_microbatch_accumulation_equals_one_batch(tmp_path):
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
-def test_packed_and_token_budget_micro_batches_equal_one_padded_batch(tmp_path, agg):
-    """Padding-free updates: micro-batches cut by a token budget (padded, length-sorted) and packed
-    ones (one sequence per micro-batch, position ids restarting per row) give the loss, the
-    gradients and the log-probs of the whole batch in one padded piece."""
+def test_packed_and_token_budget_micro_batches_equal_one_padded_batch(tmp_path, agg, monkeypatch):
+    """Padding-free updates: micro-batches cut by a token budget (padded, length-sorted), packed
+    ones (one sequence per micro-batch, position ids restarting per row) and prompt-shared ones
+    (each group's prompt run once) give the loss, the gradients and the log-probs of the whole
+    batch in one padded piece."""
     model_dir = save_tiny_model(tmp_path / "tiny")
     learner = _learner_with_gradients(model_dir, micro_batch_size=64)
     engine = RolloutWorker("hf", str(model_dir), num_threads=1)
@@ -173,8 +175,8 @@ def test_packed_and_token_budget_micro_batches_equal_one_padded_batch(tmp_path, 
     exp.advantages = algo.advantages(**exp.tensors())
     exp.old_logprobs = learner.logprobs(exp, old=True, ref=False)["old_logprobs"] + 0.05
 
-    def run(tokens, packing):
-        learner.tokens, learner.packing = tokens, packing
+    def run(tokens, packing, shared=False):
+        learner.tokens, learner.packing, learner.shared = tokens, packing, shared
         learner.optimizer.zero_grad(set_to_none=True)
         sums = MetricSums()
         learner.backward(exp, algo.loss, sums)
@@ -184,8 +186,19 @@ def test_packed_and_token_budget_micro_batches_equal_one_padded_batch(tmp_path, 
 
     loss, lp, grads = run(0, False)  # one padded micro-batch
     longest = int(exp.attention_mask.sum(1).max())
-    for tokens, packing in ((2 * longest, False), (2 * longest, True), (0, True)):
-        loss2, lp2, grads2 = run(tokens, packing)
+    # prompts computed once per group (KV cache copied to its samples): in whole-group micro-batches
+    # under the token budget, and in row micro-batches of 5 that split the groups of 3
+    for tokens, packing, shared in ((2 * longest, False, False), (2 * longest, True, False), (0, True, False),
+                                    (2 * longest, False, True), (0, False, True)):
+        learner.micro = 5 if shared and not tokens else 64
+        fallbacks = []  # prompt lengths of micro-batches that took the padded path
+        if shared:
+            padded = align.logprobs.token_logprobs
+            monkeypatch.setattr(align.logprobs, "token_logprobs",
+                                lambda *a, **k: fallbacks.append(a[3]) or padded(*a, **k))
+        loss2, lp2, grads2 = run(tokens, packing, shared)
+        monkeypatch.undo()
+        assert all(p < 2 for p in fallbacks), fallbacks  # only the 1-token prompt ("yes") has no prefix to share
         assert abs(loss2 - loss) < 1e-5, (tokens, packing)
         mask = exp.action_mask.bool()
         assert torch.allclose(lp2[mask], lp[mask], atol=1e-5), (tokens, packing)
