@@ -78,7 +78,7 @@ class LlamaCppEngine:
             raise ValueError("LlamaCppEngine(model_object) needs its tokenizer too")
         else:
             model = copy.deepcopy(model)  # weight updates must never touch the caller's (learner's) model
-        # the base weights, on the host in float32: full weight updates land here and are re-exported
+        # the base weights, on the host in float32: updates land here and are rewritten into the GGUF file
         self.model = model.to("cpu", torch.float32).eval().requires_grad_(False)
         self.tokenizer, self.outtype, self.lora_mode = tokenizer, outtype, lora
         self.threads = num_threads or os.cpu_count() or 1
