@@ -156,6 +156,7 @@ class RLRun:
             raise ValueError("rollout.pipeline=one-step-off needs awake engines while the learners train: set "
                              "resources.sleep_engines=false or resources.colocate=false")
         self.prefetched: dict | None = None  # the next step's generation, launched during this step's update
+        self.pending_sync: Any = None  # one-step-off: the weight sync the engines apply after that generation
         self.prefetch_stream = (0, 0)  # the prompt stream's position before that launch (what a checkpoint keeps)
         self.correction = {"rollout_correction": rollout_correction(cfg, path, self.use_gpus, self.overlap),
                            "correction_cap": cfg.algorithm.correction_cap}
@@ -383,6 +384,9 @@ class RLRun:
         if self.critic is not None:  # policy and critic are separate actors: they update concurrently
             updates += [self.critic.call(i, "update", sh, self.algo, cfg.algorithm.epochs, cfg.algorithm.minibatches)
                         for i, sh in enumerate(shards)]
+        if self.pending_sync is not None:  # the last step's sync: ran on the engines while the learners started
+            m["time/engine_sync"] = max(self._engine_get(self.pending_sync))
+            self.pending_sync = None
         results = actors.get(updates)
         m.update(results[0])
         if self.critic is not None:  # rank 0 of the critics
@@ -392,7 +396,11 @@ class RLRun:
         times["update"] = time.perf_counter() - t
         t = time.perf_counter()
         self.version += 1
-        self._engine_get(self.engines.run("update", self._payload()))
+        sync = self.engines.run("update", self._payload())
+        if self.overlap:  # the engines apply it after the generation they are running (actor calls run in
+            self.pending_sync = sync  # order): the next step's update need not wait for it, only its generation
+        else:
+            self._engine_get(sync)
         times["sync"] = time.perf_counter() - t
         m["engine_restarts"] = self.restarts
         self.nonfinite += int(m.get("skipped_updates", 0))
@@ -422,6 +430,9 @@ class RLRun:
         """Greedy held-out accuracy (the `reward.accuracy` component) and mean reward."""
         if not self.heldout:
             return {}
+        if self.pending_sync is not None:  # the engines serve the latest weights (and a failed sync surfaces here)
+            self._engine_get(self.pending_sync)
+            self.pending_sync = None
         greedy = _sampling(self.cfg.rollout, n=1, temperature=0.0, seed=0)
         samples, _ = self.generate(self.heldout, greedy, 0)
         self.score(samples)
