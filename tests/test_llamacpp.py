@@ -19,8 +19,8 @@ from align.workers import RolloutWorker  # noqa: E402
 from rollout import SamplingParams, make_engine, resolve_backend  # noqa: E402
 from rollout.llamacpp import LlamaCppEngine  # noqa: E402
 from test_rl import _learner_after_one_update  # noqa: E402
-from test_rollout import (PROMPTS, ascii_pair, check_stop_sample, eos_prone, max_logprob_error,  # noqa: E402
-                          peft_lora, perturbed_state_dict)
+from test_rollout import (PROMPTS, check_stop_strings, eos_prone, max_logprob_error, peft_lora,  # noqa: E402
+                          perturbed_state_dict)
 
 # float32 GGUF weights, llama.cpp's kernels against torch's: measured 2e-5 on the base model and
 # 3e-4 under adapters of random N(0, 0.3^2) matrices (logits several times larger); a weight update
@@ -83,13 +83,7 @@ def test_top_k_truncates_sampling_but_not_logprobs(engine_and_model):
 
 def test_stop_strings(engine_and_model):
     engine, _, tok = engine_and_model
-    free = engine.generate(PROMPTS, SamplingParams(n=3, max_new_tokens=24, seed=3))
-    stop = next(p for p in (ascii_pair(s.completion) for s in free) if p)
-    cut = engine.generate(PROMPTS, SamplingParams(n=3, max_new_tokens=24, seed=3, stop=[stop]))
-    hit = [c for c in cut if stop in tok.decode(c.completion_ids, skip_special_tokens=True)]
-    assert hit
-    for c in hit:
-        check_stop_sample(tok, c, stop)
+    check_stop_strings(engine, tok)
 
 
 @pytest.mark.parametrize("lora", ["merge", "adapter"])

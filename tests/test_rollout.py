@@ -105,6 +105,18 @@ def check_stop_sample(tokenizer, sample, stop):
     assert sample.finish_reason == "stop"
 
 
+def check_stop_strings(engine, tokenizer):
+    """An engine that samples its own tokens (vLLM, llama.cpp) keeps to the stop-string contract for
+    a stop string that its free samples demonstrably contain."""
+    free = engine.generate(PROMPTS, SamplingParams(n=3, max_new_tokens=24, seed=3))
+    stop = next(p for p in (ascii_pair(s.completion) for s in free) if p)
+    cut = engine.generate(PROMPTS, SamplingParams(n=3, max_new_tokens=24, seed=3, stop=[stop]))
+    hit = [c for c in cut if stop in tokenizer.decode(c.completion_ids, skip_special_tokens=True)]
+    assert hit
+    for c in hit:
+        check_stop_sample(tokenizer, c, stop)
+
+
 @pytest.fixture
 def eos_tiny(tiny):
     """The tiny model made EOS-prone, and its tokenizer."""
@@ -429,13 +441,7 @@ def test_vllm_samples_match_hf_logprobs(vllm_setup):
     again = engine.generate(PROMPTS, sp, group_offset=3, columns=cols)
     assert [s.completion_ids for s in again] == [s.completion_ids for s in samples]
     # stop strings: ids keep the completing token, text stops before the string (as in HF)
-    free = engine.generate(PROMPTS, SamplingParams(n=3, max_new_tokens=24, seed=3))
-    stop = next(p for p in (ascii_pair(s.completion) for s in free) if p)
-    cut = engine.generate(PROMPTS, SamplingParams(n=3, max_new_tokens=24, seed=3, stop=[stop]))
-    hit = [c for c in cut if stop in tok.decode(c.completion_ids, skip_special_tokens=True)]
-    assert hit
-    for c in hit:
-        check_stop_sample(tok, c, stop)
+    check_stop_strings(engine, tok)
 
 
 @needs_vllm
