@@ -1,0 +1,76 @@
+"""Benchmark: one GRPO update of the main job's shape, prompts computed per row vs once per group.
+
+    .venv/bin/python examples/bench_update.py [--reps 3] [--threads 2]
+
+SmolLM2-135M-Instruct + LoRA r=16 on all linear layers, fp32, 8 prompt groups x 4 samples: the main
+job's chat-templated prompts (about 60 tokens), completions of 35-65 random tokens, micro-batches of
+at most 1600 tokens (the preset's `algorithm.micro_batch_tokens`). Prints the seconds of one
+`PolicyLearner.backward` (forward + backward over the whole batch) with `share_prompt` off and on,
+alternating, so that both see the same machine load.
+"""
+import argparse
+import time
+
+import torch
+
+import algorithms
+from align.config import ModelConfig, PeftConfig
+from align.experience import build_experience
+from align.learners import MetricSums, PolicyLearner
+from align.models import resolve_model
+from align.tasks import train_and_heldout
+from align.types import Sample
+
+
+def batch(tokenizer, groups: int = 8, n: int = 4, seed: int = 0) -> list[Sample]:
+    """`groups` x `n` samples: real prompts, random completions of 35-65 tokens, rewards 0 / 1."""
+    rows, _ = train_and_heldout(groups, 0, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for g, row in enumerate(rows):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}],
+                                             add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for k in range(n):
+            length = int(torch.randint(35, 66, (1,), generator=gen))
+            ids = torch.randint(100, 40000, (length,), generator=gen).tolist()
+            out.append(Sample(prompt=text, prompt_ids=prompt_ids, completion="", completion_ids=ids,
+                              logprobs=[-1.0] * length, group_id=g, reward=float(k % 2)))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--reps", type=int, default=3, help="timed updates per setting")
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    path = resolve_model("smollm2-135m-instruct")
+    learner = PolicyLearner(ModelConfig(name=path), PeftConfig(method="lora", r=16, alpha=32), lr=1e-4,
+                            total_steps=10, temperature=0.7, micro_batch_size=16, num_threads=a.threads,
+                            micro_batch_tokens=1600)
+    from transformers import AutoTokenizer
+
+    samples = batch(AutoTokenizer.from_pretrained(path))
+    exp = build_experience(samples, 2)
+    algo = algorithms.get("grpo", loss_agg="token-mean", kl_coef=0.0)
+    exp.advantages = algo.advantages(**exp.tensors())
+    prompt = sum(len(s.prompt_ids) for s in samples) / len(samples)
+    completion = sum(len(s.completion_ids) for s in samples) / len(samples)
+    print(f"32 rows: prompts {prompt:.0f} tokens, completions {completion:.0f} on average; {a.threads} threads")
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(a.reps + 1):  # the first round warms up
+        for shared in (False, True):
+            learner.shared = shared
+            learner.optimizer.zero_grad(set_to_none=True)
+            t = time.perf_counter()
+            learner.backward(exp, algo.loss, MetricSums())
+            times[shared].append(time.perf_counter() - t)
+    for shared, ts in times.items():
+        ts = ts[1:]
+        print(f"share_prompt={str(shared).lower():5}  forward + backward {sum(ts) / len(ts):5.1f} s "
+              f"(runs: {', '.join(f'{x:.1f}' for x in ts)})")
+
+
+if __name__ == "__main__":
+    main()
