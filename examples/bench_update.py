@@ -28,8 +28,7 @@ def batch(tokenizer, groups: int = 8, n: int = 4, seed: int = 0) -> list[Sample]
     gen = torch.Generator().manual_seed(seed)
     out = []
     for g, row in enumerate(rows):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}],
-                                             add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)  # a chat
         prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         for k in range(n):
             length = int(torch.randint(35, 66, (1,), generator=gen))
