@@ -19,8 +19,8 @@ from align.workers import RolloutWorker  # noqa: E402
 from rollout import SamplingParams, make_engine, resolve_backend  # noqa: E402
 from rollout.llamacpp import LlamaCppEngine  # noqa: E402
 from test_rl import _learner_after_one_update  # noqa: E402
-from test_rollout import (PROMPTS, check_stop_strings, eos_prone, max_logprob_error, peft_lora,  # noqa: E402
-                          perturbed_state_dict)
+from test_rollout import (PROMPTS, check_groups_and_finish, check_stop_strings, eos_prone,  # noqa: E402
+                          max_logprob_error, peft_lora, perturbed_state_dict)
 
 # float32 GGUF weights, llama.cpp's kernels against torch's: measured 2e-5 on the base model and
 # 3e-4 under adapters of random N(0, 0.3^2) matrices (logits several times larger); a weight update
@@ -45,16 +45,7 @@ def test_samples_match_teacher_forced_logprobs(engine_and_model):
     engine, model, tok = engine_and_model
     cols = [{"answer": 1}, {"answer": 2}]
     sp = SamplingParams(n=4, temperature=0.7, max_new_tokens=12, seed=0)
-    samples = engine.generate(PROMPTS, sp, group_offset=3, columns=cols)
-    assert [s.group_id for s in samples] == [3] * 4 + [4] * 4
-    assert [s.columns for s in samples] == [cols[0]] * 4 + [cols[1]] * 4
-    for s in samples:
-        eos_at = [k for k, t in enumerate(s.completion_ids) if t == tok.eos_token_id]
-        if s.finish_reason == "stop":
-            assert eos_at == [len(s.completion_ids) - 1]
-        else:
-            assert s.finish_reason == "length" and eos_at == [] and len(s.completion_ids) == 12
-    assert {s.finish_reason for s in samples} == {"stop", "length"}
+    samples = check_groups_and_finish(engine, tok, sp, cols)
     assert max_logprob_error(model, samples, 0.7) < BASE_TOL
     # a group's 4 samples share one prefill of their prompt, yet they differ (independent sampling)
     assert len({tuple(s.completion_ids) for s in samples[:4]}) > 1

@@ -105,6 +105,22 @@ def check_stop_sample(tokenizer, sample, stop):
     assert sample.finish_reason == "stop"
 
 
+def check_groups_and_finish(engine, tokenizer, sp, cols):
+    """Samples of PROMPTS with group offset 3: group ids, columns, and finish reasons that agree
+    with the ids (EOS last and only there on "stop", the full length without EOS on "length")."""
+    samples = engine.generate(PROMPTS, sp, group_offset=3, columns=cols)
+    assert [s.group_id for s in samples] == [3] * sp.n + [4] * sp.n
+    assert [s.columns for s in samples] == [cols[0]] * sp.n + [cols[1]] * sp.n
+    for s in samples:
+        eos_at = [k for k, t in enumerate(s.completion_ids) if t == tokenizer.eos_token_id]
+        if s.finish_reason == "stop":
+            assert eos_at == [len(s.completion_ids) - 1]
+        else:
+            assert s.finish_reason == "length" and eos_at == [] and len(s.completion_ids) == sp.max_new_tokens
+    assert {s.finish_reason for s in samples} == {"stop", "length"}
+    return samples
+
+
 def check_stop_strings(engine, tokenizer):
     """An engine that samples its own tokens (vLLM, llama.cpp) keeps to the stop-string contract for
     a stop string that its free samples demonstrably contain."""
@@ -425,17 +441,9 @@ def test_vllm_samples_match_hf_logprobs(vllm_setup):
     engine.update_lora({}, {})
     cols = [{"answer": 1}, {"answer": 2}]
     sp = SamplingParams(n=4, temperature=0.7, max_new_tokens=12, seed=0)
-    samples = engine.generate(PROMPTS, sp, group_offset=3, columns=cols)
-    assert [s.group_id for s in samples] == [3] * 4 + [4] * 4
-    assert [s.columns for s in samples] == [cols[0]] * 4 + [cols[1]] * 4
+    samples = check_groups_and_finish(engine, tok, sp, cols)
     for s in samples:
         assert s.prompt_ids == tok(s.prompt)["input_ids"]  # the HF engine's tokenisation
-        eos_at = [k for k, t in enumerate(s.completion_ids) if t == tok.eos_token_id]
-        if s.finish_reason == "stop":
-            assert eos_at == [len(s.completion_ids) - 1]
-        else:
-            assert s.finish_reason == "length" and eos_at == [] and len(s.completion_ids) == 12
-    assert {s.finish_reason for s in samples} == {"stop", "length"}
     # float32 on both sides, different kernels: measured max error 1e-6; 1e-4 leaves 100x margin
     # and is still 1e4 below what a weight update moves (test_vllm_update_weights: ~1)
     assert max_logprob_error(model, samples, 0.7) < 1e-4
