@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from align.config import ModelConfig, PeftConfig
+from align.cores import ThreadBudget
 from align.device import HOST, autocast, dist_backend, free_port, node_ip, resolve_autocast, to_host, worker_device
 from align.logprobs import logprobs_in_chunks, micro_batches, sequence_logprobs, trim
 from align.models import load_causal_lm, set_threads
@@ -128,7 +129,7 @@ class DataParallel(Placed):
 
     def _setup(self, seed: int, num_threads: int, device: str, amp: str, zero_stage: int, zero_offload: bool) -> None:
         """What every learner does first: threads, seed, device, precision and ZeRO settings."""
-        set_threads(num_threads)
+        self.threads = ThreadBudget(set_threads(num_threads), None, "learner", torch.set_num_threads)
         torch.manual_seed(seed)
         self.device = worker_device(device)
         self.amp, self.zero_stage, self.zero_offload = resolve_autocast(amp, self.device), zero_stage, zero_offload
@@ -291,8 +292,10 @@ class PolicyLearner(DataParallel):
                  temperature: float = 1.0, micro_batch_size: int = 8, seed: int = 0, num_threads: int = 0,
                  model: torch.nn.Module | None = None, amp: str = "none", zero_stage: int = 0,
                  zero_offload: bool = False, device: str = "auto", micro_batch_tokens: int = 0,
-                 packing: bool = False, share_prompt: bool = False):
+                 packing: bool = False, share_prompt: bool = False, loan_path: str | None = None):
+        """`loan_path`: the driver's core-loan file (align/cores.py): extra threads while the engine waits."""
         self._setup(seed, num_threads, device, amp, zero_stage, zero_offload)
+        self.threads.path = loan_path
         # micro-batch plan and forward (align.logprobs.micro_batches / sequence_logprobs)
         self.tokens, self.packing, self.shared = micro_batch_tokens, packing, share_prompt
         if peft_cfg.method in ("prefix", "prompt", "ptuning", "bitfit"):
@@ -317,6 +320,7 @@ class PolicyLearner(DataParallel):
         """Behaviour-policy and/or reference logprobs of `exp` (reference = adapter disabled)."""
         exp = exp.to(self.device)
         self.model.eval()
+        self.threads.refresh()
         out = {}
         with autocast(self.device, self.amp):
             if old:
@@ -329,6 +333,7 @@ class PolicyLearner(DataParallel):
                     out["ref_logprobs"] = logprobs_in_chunks(self.net, exp, self.micro, self.temperature,
                                                              self.tokens, self.packing, self.shared)
         self.model.train()
+        self.threads.reset()
         return to_host(out)
 
     def backward(self, mini: Experience, loss_fn: Any, sums: MetricSums, correction: dict | None = None) -> None:
@@ -343,6 +348,7 @@ class PolicyLearner(DataParallel):
         counts = self._global_counts(normalizers(mini.action_mask))
         micro = micro_batches(mini, self.micro, self.tokens, self.packing, self.shared)
         for k, (_, mb) in enumerate(micro):
+            self.threads.refresh()  # the engine may have finished generating: its core is lent here
             with autocast(self.device, self.amp):
                 lp, ent = sequence_logprobs(self.net, mb, self.temperature, self.packing, with_entropy=True,
                                             shared=self.shared)
@@ -374,7 +380,8 @@ class PolicyLearner(DataParallel):
         self.scheduler.step()
         self.steps += 1
         out = sums.means()
-        out.update(lr=self.scheduler.get_last_lr()[0], skipped_updates=skipped, grad_norm=sum(norms) / len(norms))
+        out.update(lr=self.scheduler.get_last_lr()[0], skipped_updates=skipped, grad_norm=sum(norms) / len(norms),
+                   **{"threads/update_peak": self.threads.reset()})
         return out
 
     # ------------------------------------------------------------------ weights

@@ -26,6 +26,7 @@ from algorithms.preference import preference_names
 from align import actors, checkpoint, placement
 from align.actors import ActorGroup
 from align.config import save_config, to_dict
+from align.cores import CoreLoan, plan_loan
 from align.device import resolve_dtype, use_gpus
 from align.episodes import episode_metrics
 from align.evaluate import score_samples, write_samples
@@ -160,13 +161,16 @@ class RLRun:
         self.prefetch_stream = (0, 0)  # the prompt stream's position before that launch (what a checkpoint keeps)
         self.correction = {"rollout_correction": rollout_correction(cfg, path, self.use_gpus, self.overlap),
                            "correction_cap": cfg.algorithm.correction_cap}
+        self.loan = self._core_loan(roles, debug)
+        loan_path = str(self.loan.path) if self.loan is not None else None
         self.engines = ActorGroup(RolloutWorker, r.num_engines, r.backend, path, self.tokenizer if model is not None else None,
                                   enable_lora=not self.merged_sync,
                                   dtype=r.dtype, num_threads=r.num_threads, seed=cfg.train.seed,
                                   max_lora_rank=max(cfg.peft.r, 8), debug=debug, env_threads=r.num_threads or 2,
                                   max_restarts=cfg.train.max_actor_restarts, placement=self._slots("engine"),
                                   device=res.device, tensor_parallel_size=res.engine_gpus if self.use_gpus else 1,
-                                  gpu_memory_utilization=r.gpu_memory_utilization, sleep_mode=self.sleep_engines)
+                                  gpu_memory_utilization=r.gpu_memory_utilization, sleep_mode=self.sleep_engines,
+                                  loan_path=loan_path)
         self.version = 0  # weights version the engines should hold (bumped at every sync)
         self.restarts = 0  # rollout workers found restarted (and re-synced) so far
         self.nonfinite = 0  # updates skipped for NaN / inf so far
@@ -177,7 +181,7 @@ class RLRun:
         self.learner = ActorGroup(PolicyLearner, n_learners, cfg.model, cfg.peft, t.lr, t.max_steps,
                                   weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, temperature=r.temperature,
                                   micro_batch_tokens=cfg.algorithm.micro_batch_tokens, packing=cfg.algorithm.packing,
-                                  share_prompt=cfg.algorithm.share_prompt,
+                                  share_prompt=cfg.algorithm.share_prompt, loan_path=loan_path,
                                   model=model, placement=self._slots("learner"), **common)
         self.reference = None
         if roles["reference"]:
@@ -213,6 +217,17 @@ class RLRun:
                                                 "reward_model": res.reward_model_gpus},
                                         self.use_gpus, res.colocate, res.cpus_per_actor)
         return placement.reserve(self.plan, res.timeout_s)
+
+    def _core_loan(self, roles: dict[str, int], debug: bool) -> CoreLoan | None:
+        """The run's core loan (align/cores.py): one engine and one learner, each with a thread
+        count, on one machine's CPUs (other roles or machines would need a finer ledger)."""
+        r, t = self.cfg.rollout, self.cfg.train
+        if (not self.cfg.resources.lend_cores or debug or self.use_gpus or roles["engine"] != 1
+                or roles["learner"] != 1 or roles["critic"] or roles["reference"] or roles["reward_model"]
+                or len(placement.cluster_nodes()) != 1):
+            return None
+        plan = plan_loan(r.num_threads, t.num_threads, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        return CoreLoan(*plan) if plan else None
 
     def _slots(self, role: str) -> tuple[Any, list] | None:
         """The placement group and `role`'s slots in it (None in debug mode)."""
@@ -359,6 +374,8 @@ class RLRun:
         off_policy = cfg.algorithm.epochs > 1 or cfg.algorithm.minibatches > 1
         needs = self.algo.needs
         shards = _shard(exp, len(self.learner))  # whole groups per learner
+        if self.loan is not None:  # the engines are idle unless they already generate the next step
+            self.loan.learner_works(engines_idle=self.prefetched is None)
         parts = actors.get([self.learner.call(i, "logprobs", sh, old=needs.old_logprobs or off_policy,
                                               ref=needs.ref_logprobs and self.reference is None)
                             for i, sh in enumerate(shards)])
@@ -387,7 +404,11 @@ class RLRun:
         if self.pending_sync is not None:  # the last step's sync: ran on the engines while the learners started
             m["time/engine_sync"] = max(self._engine_get(self.pending_sync))
             self.pending_sync = None
+        if self.loan is not None and self.prefetched is not None:
+            self._lend_when_generated(updates)
         results = actors.get(updates)
+        if self.loan is not None:
+            self.loan.learner_waits()
         m.update(results[0])
         if self.critic is not None:  # rank 0 of the critics
             m.update(results[len(shards)])
@@ -418,6 +439,17 @@ class RLRun:
         m["time/step"] = time.perf_counter() - t0
         m["gen_tokens_per_s"] = sum(_model_tokens(s) for s in generated) / max(times["generate"], 1e-9)
         return m
+
+    def _lend_when_generated(self, updates: list) -> None:
+        """Wait for the updates; if the engines finish the next step's generation first, lend
+        their threads to the learner for the rest of the update."""
+        import ray
+
+        gen = self.prefetched.get("refs", [])
+        while len(ray.wait(updates, num_returns=len(updates), timeout=0.2)[0]) < len(updates):
+            if len(ray.wait(gen, num_returns=len(gen), timeout=0)[0]) == len(gen):
+                self.loan.learner_works(engines_idle=True)
+                return
 
     def _round_sampling(self, step: int, round_: int) -> Any:
         """Sampling settings of a step's generation round: a fresh seed per step and round (train.seed
@@ -494,6 +526,8 @@ class RLRun:
         for g in (self.engines, self.learner, self.reference, self.critic):
             if g is not None:
                 g.kill()
+        if self.loan is not None:
+            self.loan.close()
         if self.placement is not None:
             from ray.util.placement_group import remove_placement_group
 

@@ -62,6 +62,11 @@ class ResourcesConfig:
     reward_model_gpus: float = 0.0  # GPUs (or a fraction) per reward-model scorer actor (reward_model with ray_actor=true)
     cpus_per_actor: float = 1.0  # logical CPUs each actor asks Ray for
     sleep_engines: bool = True  # colocated on GPUs: engines free their GPU memory while the learners train
+    # one CPU machine, one engine and one learner with their own thread counts: the role that waits
+    # lends its threads to the one that works (align/cores.py), e.g. the engine's core to the
+    # learner once the next step's generation is done (one-step-off), the learner's to the engine
+    # during evals and synchronous generation
+    lend_cores: bool = True  # a waiting role's threads go to the working one (one CPU machine)
     timeout_s: float = 60.0  # a placement Ray cannot make within this time fails the run, naming the roles
 
 

@@ -83,6 +83,7 @@ class LlamaCppEngine:
         self.tokenizer, self.outtype, self.lora_mode = tokenizer, outtype, lora
         self.threads = num_threads or os.cpu_count() or 1
         self.max_batch_size = max_batch_size
+        self.before_decode: Any = None  # called before each decode step (a worker's core-loan check)
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
@@ -178,6 +179,12 @@ class LlamaCppEngine:
             self._apply_adapter()
         return self._ctx
 
+    def set_threads(self, n: int) -> None:
+        """Decode with `n` threads from the next step on (the context keeps its other settings)."""
+        self.threads = n
+        if self._ctx is not None:
+            self.ll.llama_set_n_threads(self._ctx, n, n)
+
     def _free(self, model: bool) -> None:
         """Free the context (and the model with its adapter when `model`)."""
         if self._ctx is not None:
@@ -265,6 +272,8 @@ class LlamaCppEngine:
         for _ in range(C):
             for s in alive:
                 self._add(*last[s], [s], True)
+            if self.before_decode is not None:
+                self.before_decode()
             self._decode()
             logits = torch.from_numpy(np.ctypeslib.as_array(  # (A, V), llama.cpp's buffer: copied by the ops below
                 self.ll.llama_get_logits(self._ctx), shape=(len(alive), self.n_vocab)))
