@@ -5,15 +5,16 @@ first would leave its core idle: the engine's generation usually ends seconds be
 learner's update, and the learner waits whenever the engines generate alone (the first step,
 evals, the synchronous pipeline). The driver knows who is busy; it writes the number of extra
 threads each role may use into a small file (in /dev/shm where it exists), and each worker reads
-it between units of work (a learner's micro-batch, an engine's decode step) and resizes its
-thread pool. Only for one engine and one learner sharing one machine's CPUs (`RLRun` decides).
+it between units of work (each transformer block of a learner's forward and backward, each
+decode step of an engine) and resizes its thread pool. Only for one engine and one learner
+sharing one machine's CPUs (`RLRun` decides).
 """
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 ROLES = ("engine", "learner")
 
@@ -98,3 +99,33 @@ class ThreadBudget:
             self.current = self.own
         peak, self.peak = self.peak, self.own
         return peak
+
+
+def watch_layers(model: Any, refresh: Callable[[], Any]) -> list:
+    """Call `refresh` before each transformer block's forward and as its output's gradient
+    arrives in backward (a micro-batch takes seconds, a block milliseconds); returns the hook
+    handles. The blocks are the longest `nn.ModuleList` in `model`."""
+    import torch
+
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        return []
+    blocks = max(lists, key=len)
+
+    def on_grad(grad: Any) -> Any:
+        refresh()
+        return grad
+
+    def before(module: Any, args: Any) -> None:  # returns nothing: the block's inputs stay as they are
+        refresh()
+
+    def after(module: Any, args: Any, output: Any) -> None:
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(on_grad)
+
+    handles = []
+    for block in blocks:
+        handles.append(block.register_forward_pre_hook(before))
+        handles.append(block.register_forward_hook(after))
+    return handles

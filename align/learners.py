@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from align.config import ModelConfig, PeftConfig
-from align.cores import ThreadBudget
+from align.cores import ThreadBudget, watch_layers
 from align.device import HOST, autocast, dist_backend, free_port, node_ip, resolve_autocast, to_host, worker_device
 from align.logprobs import logprobs_in_chunks, micro_batches, sequence_logprobs, trim
 from align.models import load_causal_lm, set_threads
@@ -314,6 +314,8 @@ class PolicyLearner(DataParallel):
         self.generator = torch.Generator().manual_seed(seed)
         self.steps = 0
         self.after_step = after_backward_hook(self.model, peft_cfg)
+        if loan_path is not None:  # the loan is re-read at every block, forward and backward
+            watch_layers(self.model, self.threads.refresh)
 
     # ------------------------------------------------------------------ experience
     def logprobs(self, exp: Experience, old: bool, ref: bool) -> dict[str, torch.Tensor]:

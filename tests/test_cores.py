@@ -89,3 +89,22 @@ def test_llamacpp_engine_follows_the_loan_between_decode_steps(tmp_path):
     finally:
         loan.close()
         torch.set_num_threads(before)
+
+
+def test_blocks_reread_the_loan_in_forward_and_backward():
+    """A micro-batch takes seconds: the learner checks the loan at every transformer block, both ways."""
+    from align.cores import watch_layers
+    from align.tiny import tiny_model
+
+    model, tok = tiny_model(0)
+    calls = []
+    handles = watch_layers(model, lambda: calls.append(1))
+    n = len(model.model.layers)
+    ids = torch.tensor([tok("What is 2 + 3?")["input_ids"]])
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert len(calls) == n  # no gradient: forward only
+    model(input_ids=ids).logits.sum().backward()
+    assert len(calls) == n + 2 * n
+    for h in handles:
+        h.remove()
