@@ -19,6 +19,11 @@ from typing import Any, Callable
 ROLES = ("engine", "learner")
 
 
+def machine_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def plan_loan(engine_threads: int, learner_threads: int, cores: int) -> tuple[int, int] | None:
     """Extra threads (for the engine, for the learner) while the other role waits, or None where
     nothing can be lent: a role on all cores (0 threads) already has them."""

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from align.config import ModelConfig
+from align.cores import machine_cores
 from align.device import device_map, worker_device
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -37,7 +38,7 @@ def set_threads(n: int) -> int:
     With 2 cores, two processes each using 2 threads ran 4-24x slower than one thread each, so
     every worker process calls this with the cores it was given.
     """
-    n = n if n > 0 else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    n = n if n > 0 else machine_cores()
     torch.set_num_threads(n)
     os.environ["OMP_NUM_THREADS"] = str(n)
     return n

@@ -26,7 +26,7 @@ from algorithms.preference import preference_names
 from align import actors, checkpoint, placement
 from align.actors import ActorGroup
 from align.config import save_config, to_dict
-from align.cores import CoreLoan, plan_loan
+from align.cores import CoreLoan, machine_cores, plan_loan
 from align.device import resolve_dtype, use_gpus
 from align.episodes import episode_metrics
 from align.evaluate import score_samples, write_samples
@@ -226,7 +226,7 @@ class RLRun:
                 or roles["learner"] != 1 or roles["critic"] or roles["reference"] or roles["reward_model"]
                 or len(placement.cluster_nodes()) != 1):
             return None
-        plan = plan_loan(r.num_threads, t.num_threads, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        plan = plan_loan(r.num_threads, t.num_threads, machine_cores())
         return CoreLoan(*plan) if plan else None
 
     def _slots(self, role: str) -> tuple[Any, list] | None:
