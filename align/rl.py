@@ -373,10 +373,13 @@ class RLRun:
         t = time.perf_counter()
         off_policy = cfg.algorithm.epochs > 1 or cfg.algorithm.minibatches > 1
         needs = self.algo.needs
+        from_engine = cfg.algorithm.old_policy == "engine"
+        if from_engine:  # the sampler's log-probs are pi_old: no recompute, no correction on top
+            exp.old_logprobs, exp.engine_logprobs = engine_old_logprobs(exp), None
         shards = _shard(exp, len(self.learner))  # whole groups per learner
         if self.loan is not None:  # the engines are idle unless they already generate the next step
             self.loan.learner_works(engines_idle=self.prefetched is None)
-        parts = actors.get([self.learner.call(i, "logprobs", sh, old=needs.old_logprobs or off_policy,
+        parts = actors.get([self.learner.call(i, "logprobs", sh, old=(needs.old_logprobs or off_policy) and not from_engine,
                                               ref=needs.ref_logprobs and self.reference is None)
                             for i, sh in enumerate(shards)])
         lp = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
@@ -541,12 +544,25 @@ class RolloutWorkerDied(RuntimeError):
     """A rollout worker died more often than Ray may restart it."""
 
 
+def engine_old_logprobs(exp: Any) -> torch.Tensor:
+    """The engine's log-probs of `exp` as the PPO old policy (`algorithm.old_policy=engine`)."""
+    if exp.engine_logprobs is None:
+        raise ValueError("algorithm.old_policy=engine needs the engine's log-probs of every sample; this "
+                         "batch has samples without them: use algorithm.old_policy=learner")
+    return exp.engine_logprobs
+
+
 def rollout_correction(cfg: RLConfig, model: Any, on_gpu: bool = False, overlap: bool = False) -> str:
     """The run's rollout-correction mode: `algorithm.rollout_correction`, where "auto" means TIS
     (token-truncate) when the engine's log-probs differ from the learner's: other numerics (vLLM or
     llama.cpp kernels, an engine in another dtype, a QLoRA learner whose engine serves the dequantised base)
     or older weights (`overlap`: one step behind), else off."""
     mode = cfg.algorithm.rollout_correction
+    if cfg.algorithm.old_policy == "engine":
+        if mode not in ("auto", "off"):
+            raise ValueError(f"algorithm.rollout_correction={mode} weighs the engine's samples against the learner's "
+                             "old policy; with algorithm.old_policy=engine they are the same: leave it auto or off")
+        return "off"
     if mode != "auto":
         return mode
     from rollout import resolve_backend

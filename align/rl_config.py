@@ -91,6 +91,11 @@ class AlgorithmConfig:
     rollout_correction: Literal["auto", "off", "token-truncate", "token-mask", "sequence-truncate",
                                 "sequence-mask"] = "auto"
     correction_cap: float = 2.0  # the cap C of those weights (TRL and verl default 2)
+    # Where pi_old's log-probs come from: "learner" recomputes them (one more forward pass over the
+    # batch when updates are off-policy); "engine" takes the sampler's own (verl's rollout-correction
+    # bypass mode, slime): no pass, the PPO clip bounds the drift from the sampler itself (older
+    # weights, other kernels), so no rollout-correction weights are applied on top
+    old_policy: Literal["learner", "engine"] = "learner"
 
 
 @dataclass

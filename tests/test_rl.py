@@ -450,3 +450,33 @@ def test_a_checkpoint_during_one_step_off_keeps_the_stream_before_the_prefetch(t
     (sync_saved, sync_now), (off_saved, off_now) = where["sync"], where["one-step-off"]
     assert off_saved == sync_saved == sync_now
     assert off_now != off_saved  # the prefetch did advance the live stream
+
+
+def test_engine_log_probs_as_the_old_policy_skip_the_recompute_and_equal_it(tmp_path, monkeypatch):
+    """algorithm.old_policy=engine: with two minibatches (off-policy updates) the learner computes no
+    old log-probs, and with an fp32 HF engine in sync (the engine's log-probs are the learner's up to
+    float noise) the run equals the one that recomputes them; an explicit correction mode is refused."""
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    calls, spied = [], PolicyLearner.logprobs
+
+    def spy(self, exp, old, ref):
+        calls.append(old)
+        return spied(self, exp, old, ref)
+
+    monkeypatch.setattr(PolicyLearner, "logprobs", spy)
+    runs = {}
+    for source in ("learner", "engine"):
+        calls.clear()
+        cfg = _cfg(tmp_path / source, model_dir, "train.debug=true", "algorithm.minibatches=2", "train.eval_before=false",
+                   f"algorithm.old_policy={source}", "data.eval_size=0", "algorithm.params={kl_coef: 0.0}")
+        runs[source] = rl.run(cfg)["history"], list(calls)
+    (recomputed, old_calls), (engine, engine_calls) = runs["learner"], runs["engine"]
+    assert old_calls == [True] * 3 and engine_calls == [False] * 3
+    for a, b in zip(recomputed, engine):
+        for key in ("reward", "loss", "approx_kl_old", "clip_frac_high"):
+            assert b[key] == pytest.approx(a[key], abs=1e-5), key
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
+    assert max(h["approx_kl_old"] for h in engine) > 0  # the second minibatch is off-policy
+    bad = _cfg(tmp_path / "bad", model_dir, "algorithm.old_policy=engine", "algorithm.rollout_correction=token-mask")
+    with pytest.raises(ValueError, match="old_policy=engine"):
+        rl.rollout_correction(bad, model_dir)
