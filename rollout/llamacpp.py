@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import fcntl
 import os
 import shutil
 import tempfile
@@ -33,6 +34,33 @@ from rollout.base import SamplingParams, StopStrings, check_columns, finish_samp
 from rollout.lora import parse_lora, scaled_adapter
 
 OUTTYPES = ("f32", "f16")  # q8_0 decoded slower than f32 on an AVX512 CPU without VNNI (README)
+
+
+def claim_workdir(parent: str | None) -> tuple[Path, int]:
+    """A fresh directory for an engine's GGUF files under `parent` (None: the temp dir), locked
+    (flock) while its engine lives; directories whose engine died without closing (a killed run or
+    actor: 0.5-1 GB each, in RAM under /dev/shm) are removed first. Returns (path, lock fd)."""
+    for old in Path(parent or tempfile.gettempdir()).glob("align-llamacpp-*"):
+        _remove_if_abandoned(old)
+    path = Path(tempfile.mkdtemp(prefix="align-llamacpp-", dir=parent))
+    fd = os.open(path / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return path, fd
+
+
+def _remove_if_abandoned(path: Path) -> None:
+    """Remove an engine directory whose lock no process holds (the kernel drops a dead one's)."""
+    try:
+        fd = os.open(path / ".lock", os.O_RDWR)
+    except OSError:  # no lock: being created right now, or not ours
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # its engine is alive
+        os.close(fd)
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    os.close(fd)
 
 
 def _quiet(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
@@ -90,8 +118,11 @@ class LlamaCppEngine:
             eos.append(tokenizer.eos_token_id)
         self.eos_ids = eos
         shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="align-llamacpp-", dir=shm))
-        self._own_dir = workdir is None
+        self._own_dir, self._lock = workdir is None, None
+        if workdir is None:
+            self.workdir, self._lock = claim_workdir(shm)
+        else:
+            self.workdir = Path(workdir)
         self._model = self._ctx = self._adapter = None
         self._ctx_size = (0, 0)  # (n_ctx, n_seq_max) of the current context
         self._lora: dict[str, Tensor] = {}  # adapter mode: the adapter served now (scale folded into B)
@@ -203,6 +234,9 @@ class LlamaCppEngine:
         self._free(model=True)
         if self._own_dir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def __del__(self) -> None:
         try:

@@ -6,6 +6,8 @@ in GGML's rope order)."""
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +152,29 @@ def test_backend_choice(tmp_path):
     assert math.isfinite(engine.generate(["hi"], SamplingParams(max_new_tokens=3, seed=0))[0].logprobs[0])
     engine.close()
     assert not engine.workdir.exists()  # its GGUF files are removed with it
+
+
+def test_a_killed_engines_files_are_removed_by_the_next_engine_and_a_live_ones_kept(tmp_path):
+    """Engine directories hold a GGUF copy of the model (in RAM under /dev/shm): one left by a
+    process killed without closing is removed when the next engine claims its own; a live one's stays."""
+    import subprocess
+    import sys
+
+    from rollout.llamacpp import claim_workdir
+
+    code = ("import sys, time; from rollout.llamacpp import claim_workdir; "
+            f"p, _ = claim_workdir({str(tmp_path)!r}); (p / 'base.gguf').write_bytes(b'x' * 1000); "
+            "print(p, flush=True); time.sleep(120)")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+             for _ in range(2)]
+    try:
+        killed, alive = (Path(p.stdout.readline().strip()) for p in procs)
+        procs[0].kill()
+        procs[0].wait()
+        assert (killed / "base.gguf").exists()  # SIGKILL: no close(), no __del__
+        mine, fd = claim_workdir(str(tmp_path))
+        assert not killed.exists() and (alive / "base.gguf").exists() and mine.exists()
+        os.close(fd)
+    finally:
+        for p in procs:
+            p.kill()
