@@ -18,6 +18,10 @@ endif
 LLAMA_CMAKE := -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF \
                -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
 
+# Test processes (pytest-xdist): one per core of the 2-core machines CI runs on; each test uses one
+# torch thread (tests/conftest.py). TEST_WORKERS=0 runs them in this process (a debugger, -s).
+TEST_WORKERS ?= 2
+
 .PHONY: main test gpu-check bench-sft clean-venv
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
@@ -43,7 +47,7 @@ main: $(STAMP)
 test: $(STAMP)
 	# the board's browser test opens the page in Debian's chromium (a system package, root only)
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium)
-	$(RUN_ENV) $(PY) -m pytest -q $(ARGS)
+	$(RUN_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(ARGS)
 
 # The GPU checks need no .venv: a lent GPU machine has CUDA torch, transformers and peft but no
 # network, so pip cannot build one there. They run in .venv when it was built (make test / main),
