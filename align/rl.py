@@ -379,8 +379,8 @@ class RLRun:
         shards = _shard(exp, len(self.learner))  # whole groups per learner
         if self.loan is not None:  # the engines are idle unless they already generate the next step
             self.loan.learner_works(engines_idle=self.prefetched is None)
-        parts = actors.get([self.learner.call(i, "logprobs", sh, old=(needs.old_logprobs or off_policy) and not from_engine,
-                                              ref=needs.ref_logprobs and self.reference is None)
+        old = (needs.old_logprobs or off_policy) and not from_engine
+        parts = actors.get([self.learner.call(i, "logprobs", sh, old=old, ref=needs.ref_logprobs and self.reference is None)
                             for i, sh in enumerate(shards)])
         lp = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         if needs.ref_logprobs and self.reference is not None:
