@@ -28,7 +28,7 @@ import gguf
 import numpy as np
 import torch
 
-OUTTYPES = ("f32", "f16", "q8_0")
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 CHATML_STOPS = ("<|im_start|>", "<|im_end|>")
 # HF pre-tokenizer -> llama.cpp pre-tokenizer name with the same regex (llama-vocab.cpp).
 _LLAMA3_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+"
@@ -128,7 +128,7 @@ def _write_hparams(w, config, outtype: str) -> None:
     elif rope_type != "default":
         raise GGUFExportError(f"rope scaling {rope_type!r} is not supported by this exporter (default, linear)")
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+             "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
     w.add_file_type(ftype)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -165,6 +165,9 @@ def _encode(data: np.ndarray, outtype: str):
     if outtype == "q8_0" and data.shape[-1] % 32 == 0:
         q8 = gguf.GGMLQuantizationType.Q8_0
         return gguf.quants.quantize(data.astype(np.float32), q8), q8
+    if outtype == "bf16":  # torch rounds to nearest even, as ggml does, and far faster than gguf's numpy
+        bits = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).to(torch.bfloat16).view(torch.int16)
+        return bits.numpy().view(np.uint8), gguf.GGMLQuantizationType.BF16
     return data.astype(np.float16), None
 
 

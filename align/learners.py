@@ -26,6 +26,7 @@ from align.device import HOST, autocast, dist_backend, free_port, node_ip, resol
 from align.logprobs import logprobs_in_chunks, micro_batches, sequence_logprobs, trim
 from align.models import load_causal_lm, set_threads
 from align.placement import Placed
+from align.frozen_cast import cache_frozen_casts
 from align.tuning import after_backward_hook, apply_tuning, is_peft, quantization_config, trainable_state_dict
 from align.types import Experience
 
@@ -133,6 +134,12 @@ class DataParallel(Placed):
         torch.manual_seed(seed)
         self.device = worker_device(device)
         self.amp, self.zero_stage, self.zero_offload = resolve_autocast(amp, self.device), zero_stage, zero_offload
+
+    def _cache_casts(self) -> None:
+        """Frozen linear weights keep one bf16 copy under autocast (align.frozen_cast); not under
+        ZeRO-3, whose weights exist whole only while their layer runs."""
+        if self.amp == "bfloat16" and self.zero_stage != 3:
+            cache_frozen_casts(self.model)
 
     def rendezvous(self) -> tuple[str, int]:
         """(address, port) for the group's rendezvous, asked of rank 0: its node's address and a
@@ -304,6 +311,7 @@ class PolicyLearner(DataParallel):
         if model is None:
             model = load_causal_lm(model_cfg, quantization_config(peft_cfg, model_cfg))
         self.model = _place(apply_tuning(model, peft_cfg, total_steps=total_steps), self.device)
+        self._cache_casts()
         self.method = peft_cfg.method
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -429,6 +437,7 @@ class CriticLearner(DataParallel):
             model = load_causal_lm(model_cfg, quantization_config(peft_cfg, model_cfg), head="token")
         self.model = _place(apply_tuning(model, peft_cfg, total_steps=total_steps, task_type="TOKEN_CLS",
                                          new_heads=("score", "classifier")), self.device)
+        self._cache_casts()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr)
         self.max_grad_norm, self.micro = max_grad_norm, micro_batch_size

@@ -30,7 +30,8 @@ from torch import nn
 
 from align import checkpoint, distributed
 from align.config import LogConfig, TrainConfig
-from align.device import autocast, to_device, to_host
+from align.device import autocast, resolve_autocast, to_device, to_host
+from align.frozen_cast import cache_frozen_casts
 from align.tracking import Tracker
 from align.tuning import trainable_state_dict
 
@@ -102,6 +103,8 @@ class Trainer:
         self.device = distributed.init_from_env(train_cfg.device)
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.model = place_model(model, self.device)
+        if resolve_autocast(train_cfg.autocast, self.device) == "bfloat16":
+            cache_frozen_casts(self.model)  # frozen weights cast once (align.frozen_cast)
         self.steps_per_epoch, self.total_steps = plan_steps(len(examples), train_cfg, self.world)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:

@@ -106,6 +106,18 @@ def resolve_backend(backend: str, model: str | Path | Any) -> str:
     return backend
 
 
+def gguf_type(dtype: str) -> str:
+    """The llama.cpp engine's GGUF weight type for a torch dtype name ("auto": bf16 where the CPU
+    has bf16 units, as `align.device.resolve_dtype`, else f32)."""
+    from align.device import resolve_dtype
+
+    name = resolve_dtype(dtype, "cpu").removeprefix("torch.")
+    types = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
+    if name not in types:
+        raise ValueError(f"the llama.cpp engine serves bfloat16, float16 or float32 weights, not {dtype!r}")
+    return types[name]
+
+
 def make_engine(backend: str = "auto", *, model: str | Path | Any, tokenizer: Any = None,
                 dtype: str = "auto", num_threads: int | None = None, enable_lora: bool = False,
                 max_lora_rank: int = 16, seed: int = 0, max_model_len: int | None = None,
@@ -114,13 +126,13 @@ def make_engine(backend: str = "auto", *, model: str | Path | Any, tokenizer: An
     """An engine by name ("auto", "vllm", "llamacpp" or "hf"). `model` is a checkpoint directory
     (a model object works with "hf" and "llamacpp"); `enable_lora`, `max_lora_rank`, `seed`
     (engine-level) and `max_model_len` concern vLLM only (the others take LoRA updates as they come
-    and seed per call); `dtype` is torch's for HF and vLLM (llama.cpp serves f32 GGUF weights);
+    and seed per call); `dtype` is torch's (llama.cpp serves it as the GGUF weight type: bf16, f16 or f32);
     `hf_kwargs` / `vllm_kwargs` reach only their engine's constructor."""
     chosen = resolve_backend(backend, model)
     if chosen == "llamacpp":
         from rollout.llamacpp import LlamaCppEngine
 
-        return LlamaCppEngine(model, tokenizer=tokenizer, num_threads=num_threads)
+        return LlamaCppEngine(model, tokenizer=tokenizer, num_threads=num_threads, outtype=gguf_type(dtype))
     if chosen == "vllm":
         from rollout.vllm_engine import VLLMEngine
 

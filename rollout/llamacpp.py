@@ -5,8 +5,9 @@ caller's token ids, completions are decoded with the Hugging Face tokenizer, and
 here in torch from the raw logits, so the logprob convention is exactly `rollout.base`'s
 (log_softmax(logits / T) at the sampled token, before top-k / top-p).
 
-Weights: the checkpoint is written once as a GGUF file (f32 by default: on CPUs without fast f16
-or bf16 arithmetic it decodes as fast as f16 and matches the learner's numerics best). A LoRA
+Weights: the checkpoint is written once as a GGUF file in `outtype`: f32 matches the learner's
+numerics best; bf16 (what `rollout.dtype: auto` serves on CPUs with bf16 units) decoded 1.5x faster
+than f32 on an AVX512-BF16 CPU (README), f16 and q8_0 in between. A LoRA
 update is a small GGUF adapter file that llama.cpp applies beside the base weights (hot swap, no
 reload); full weight updates rewrite and reload the model file. A group's samples share one KV
 copy of their prompt: llama.cpp's unified KV cache lets a cell belong to several sequences, so a
@@ -33,7 +34,7 @@ from align.types import Sample
 from rollout.base import SamplingParams, StopStrings, check_columns, finish_sample
 from rollout.lora import parse_lora, scaled_adapter
 
-OUTTYPES = ("f32", "f16")  # q8_0 decoded slower than f32 on an AVX512 CPU without VNNI (README)
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # the GGUF weight types the engine can serve
 
 
 def claim_workdir(parent: str | None) -> tuple[Path, int]:

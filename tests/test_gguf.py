@@ -21,6 +21,9 @@ PROMPTS = ["What is 12 + 7?", "Tom has 5 apples and buys 3 more."]
 # ~1% of the largest logit, and by ~3.5% through SmolLM2's 30 layers; the bound below leaves ~1.5x
 # room. The tight check is against the same model with its weights rounded to q8_0 in torch.
 Q8_REL_BOUND = {"tiny": 0.02, "smollm2": 0.05}
+# bf16 keeps 8 significant bits (a weight moves by at most 1/512 of itself): measured 0.27 % of the
+# largest logit on the tiny model
+BF16_REL_BOUND = 0.01
 
 
 def _ids(tok, prompt):
@@ -46,6 +49,8 @@ def _rounded(model, outtype):
             w = p.numpy()
             if outtype == "q8_0" and w.shape[-1] % 32 == 0:
                 p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w, q8), q8).reshape(w.shape)))
+            elif outtype == "bf16":
+                p.copy_(p.bfloat16().float())
             else:
                 p.copy_(p.half().float())
     return model
@@ -56,7 +61,7 @@ def tiny_exports(tmp_path_factory):
     """The tiny model and tokenizer, exported once in each outtype."""
     model, tok = tiny_model(seed=0)
     out = tmp_path_factory.mktemp("gguf")
-    paths = {t: export_gguf(model, out / t, t, tokenizer=tok, name="tiny") for t in ("f32", "f16", "q8_0")}
+    paths = {t: export_gguf(model, out / t, t, tokenizer=tok, name="tiny") for t in ("f32", "f16", "bf16", "q8_0")}
     return model, tok, paths
 
 
@@ -73,7 +78,7 @@ def _near_ties_only(r):
     return all(0 <= m < r["max_abs_logit_diff"] for m in r["divergence_margins"])
 
 
-@pytest.mark.parametrize("outtype,bound", [("f16", 1e-2), ("q8_0", Q8_REL_BOUND["tiny"])])
+@pytest.mark.parametrize("outtype,bound", [("f16", 1e-2), ("bf16", BF16_REL_BOUND), ("q8_0", Q8_REL_BOUND["tiny"])])
 def test_tiny_round_trip_matches(tiny_exports, outtype, bound):
     model, tok, paths = tiny_exports
     r = check_gguf(paths[outtype], model, tok, PROMPTS, max_new_tokens=16)
@@ -114,6 +119,13 @@ def test_tiny_tensor_layout_and_metadata(tiny_exports):
     assert not np.array_equal(q_gguf, q_hf)
     np.testing.assert_array_equal(q_gguf[:head:2], q_hf[:head // 2])  # even rows: first half of head 0
     np.testing.assert_array_equal(q_gguf[1:head:2], q_hf[head // 2:head])
+    # bf16: 2-D weights in GGML's BF16, rounded to nearest even as torch rounds them; norms in f32
+    b16 = {t.name: t for t in gguf.GGUFReader(paths["bf16"]).tensors}
+    assert b16["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    emb = b16["token_embd.weight"]
+    assert emb.tensor_type == gguf.GGMLQuantizationType.BF16
+    want = model.model.embed_tokens.weight.detach().bfloat16().view(torch.int16).numpy()
+    np.testing.assert_array_equal(np.asarray(emb.data).view(np.int16).reshape(want.shape), want)
 
 
 def test_q8_0_falls_back_to_f16_for_rows_not_of_32(tmp_path):
