@@ -2,8 +2,9 @@
 
 Default: the R1-style `<think>...</think><answer>...</answer>` layout (each tag exactly once, in
 that order, nothing but whitespace outside them), the check open-r1's `format_reward` makes with a
-regex. Alternatives through constructor arguments: a custom regex, other tags, or "ends with a
-number" for arithmetic tasks whose prompt asks for the final number only.
+regex. Alternatives through constructor arguments: a custom regex, other tags, "ends with a
+number" for arithmetic tasks whose prompt asks for the final number only, or "the equations it
+writes are true" (a shape bonus that cannot be earned with wrong arithmetic).
 """
 from __future__ import annotations
 
@@ -15,6 +16,18 @@ from rewards.registry import register
 # A number at the very end: optional sign, digits with optional thousands commas and decimals,
 # optionally a closing period and/or whitespace ("... is 1,234." / "19").
 _ENDS_WITH_NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:,\d{3})*(?:\.\d+)?\.?\s*$")
+# A written equation "a op b = c" between plain numbers (op one of + - * / x ×).
+_EQUATION = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s*([-+*/x×])\s*(\d+(?:\.\d+)?)\s*=\s*(-?\d+(?:\.\d+)?)(?![\d.]*\d)")
+_OPS = {"+": float.__add__, "-": float.__sub__, "*": float.__mul__, "x": float.__mul__, "×": float.__mul__,
+        "/": lambda a, b: a / b if b else float("nan")}
+
+
+def equations_hold(completion: str) -> bool:
+    """True when `completion` writes at least one equation "a op b = c" and every one is true
+    ("54 - 24 = 30" yes, "5 + 3 = 6" no): the arithmetic it shows is right, whatever the question."""
+    found = _EQUATION.findall(completion)
+    return bool(found) and all(abs(_OPS[op](float(a), float(b)) - float(c)) < 1e-9 for a, op, b, c in found)
+
 
 
 def _tags_pattern(tags: Sequence[str]) -> re.Pattern:
@@ -35,6 +48,8 @@ class FormatReward:
     - `pattern`: a regex that must match the whole completion (`re.fullmatch`, DOTALL), or any part
       of it with `search=True`;
     - `ends_with_number`: the stripped completion ends with a number ("19", "It is 1,234.").
+    - `equations`: it writes at least one equation "a op b = c" and each one is arithmetically true
+      (`equations_hold`): no answer is looked at, only the consistency of what it wrote.
     With no argument at all the default is `tags=("think", "answer")`.
 
     Example:
@@ -46,15 +61,16 @@ class FormatReward:
     """
 
     def __init__(self, pattern: str | None = None, *, tags: Sequence[str] | None = None,
-                 ends_with_number: bool = False, search: bool = False, reward: float = 1.0,
-                 penalty: float = 0.0) -> None:
-        if pattern is None and tags is None and not ends_with_number:
+                 ends_with_number: bool = False, equations: bool = False, search: bool = False,
+                 reward: float = 1.0, penalty: float = 0.0) -> None:
+        if pattern is None and tags is None and not ends_with_number and not equations:
             tags = ("think", "answer")
         self.pattern = re.compile(pattern, re.DOTALL) if pattern is not None else None  # user regex
         self.search = search  # match `pattern` anywhere instead of the whole completion
         self.tags = tuple(tags) if tags else ()  # required blocks, in order
         self._tags_re = _tags_pattern(self.tags) if self.tags else None
         self.ends_with_number = ends_with_number  # require a final number
+        self.equations = equations  # require written equations, all of them true
         self.reward = reward  # score when the format is right
         self.penalty = penalty  # score when it is not
 
@@ -67,6 +83,8 @@ class FormatReward:
             if not match(completion):
                 return False
         if self.ends_with_number and not _ENDS_WITH_NUMBER.search(completion):
+            return False
+        if self.equations and not equations_hold(completion):
             return False
         return True
 

@@ -241,6 +241,16 @@ def test_format_ends_with_number_and_pattern():
     assert FormatReward(tags=("answer",))(["q"], ["<answer>4</answer>"]) == [1.0]
 
 
+def test_format_equations_must_be_true():
+    eq = rewards.get("format", equations=True)
+    texts = ["Tom has 54 - 24 = 30 pencils left.", "Kofi has 5 + 3 = 6 books.", "3 x 4 = 12, 12 + 1 = 13",
+             "3 x 4 = 12, 12 + 1 = 14", "10 / 4 = 2.5", "7 - 9 = -2", "34 - 14 = 20.5", "20", "10 / 0 = 0"]
+    assert eq(["q"] * 9, texts) == [1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    # the preset's shape (one line, one "=") and a true sum: each check alone passes a wrong sum or a ramble
+    preset = FormatReward(r"[^\n=]*?\d+\s*[-+]\s*\d+\s*=\s*\d+[^\d\n=]*\s*", equations=True)
+    assert preset(["q"] * 3, ["She has 9 + 4 = 13 pens.", "She has 9 + 4 = 12 pens.", "9 + 4 = 13\nso 13 pens"]) == [1.0, 0.0, 0.0]
+
+
 def test_soft_overlong_against_hand_values():
     pen = rewards.get("soft_overlong", max_completion_len=100, soft_punish_cache=20)
     lengths = [0, 80, 81, 90, 99, 100, 101, 5000]
