@@ -62,7 +62,7 @@ class FormatReward:
 
     def __init__(self, pattern: str | None = None, *, tags: Sequence[str] | None = None,
                  ends_with_number: bool = False, equations: bool = False, search: bool = False,
-                 reward: float = 1.0, penalty: float = 0.0) -> None:
+                 reward: float = 1.0, penalty: float = 0.0, false_equation_reward: float | None = None) -> None:
         if pattern is None and tags is None and not ends_with_number and not equations:
             tags = ("think", "answer")
         self.pattern = re.compile(pattern, re.DOTALL) if pattern is not None else None  # user regex
@@ -73,9 +73,11 @@ class FormatReward:
         self.equations = equations  # require written equations, all of them true
         self.reward = reward  # score when the format is right
         self.penalty = penalty  # score when it is not
+        # score when every check passes but some written equation is false (None: `penalty`)
+        self.false_equation_reward = penalty if false_equation_reward is None else false_equation_reward
 
-    def check(self, completion: str) -> bool:
-        """True when `completion` passes every configured check."""
+    def check(self, completion: str, equations: bool = True) -> bool:
+        """True when `completion` passes every configured check (`equations=False`: all but that one)."""
         if self._tags_re is not None and not self._tags_re.fullmatch(completion):
             return False
         if self.pattern is not None:
@@ -84,11 +86,13 @@ class FormatReward:
                 return False
         if self.ends_with_number and not _ENDS_WITH_NUMBER.search(completion):
             return False
-        if self.equations and not equations_hold(completion):
+        if equations and self.equations and not equations_hold(completion):
             return False
         return True
 
     def __call__(self, prompts: list[str], completions: list[str],
                  **columns: list[Any]) -> list[float | None]:
-        """`reward` or `penalty` per completion; columns are ignored."""
-        return [self.reward if self.check(c) else self.penalty for c in completions]
+        """`reward`, `false_equation_reward` or `penalty` per completion; columns are ignored."""
+        return [self.reward if self.check(c) else
+                self.false_equation_reward if self.equations and self.check(c, equations=False) else self.penalty
+                for c in completions]

@@ -249,6 +249,8 @@ def test_format_equations_must_be_true():
     # the preset's shape (one line, one "=") and a true sum: each check alone passes a wrong sum or a ramble
     preset = FormatReward(r"[^\n=]*?\d+\s*[-+]\s*\d+\s*=\s*\d+[^\d\n=]*\s*", equations=True)
     assert preset(["q"] * 3, ["She has 9 + 4 = 13 pens.", "She has 9 + 4 = 12 pens.", "9 + 4 = 13\nso 13 pens"]) == [1.0, 0.0, 0.0]
+    half = FormatReward(r"[^\n=]*?\d+\s*[-+]\s*\d+\s*=\s*\d+[^\d\n=]*\s*", equations=True, false_equation_reward=0.5)
+    assert half(["q"] * 3, ["She has 9 + 4 = 13 pens.", "She has 9 + 4 = 12 pens.", "9 + 4 = 13\nso 13 pens"]) == [1.0, 0.5, 0.0]
 
 
 def test_soft_overlong_against_hand_values():
