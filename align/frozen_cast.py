@@ -1,11 +1,11 @@
 """Frozen weights cast to bf16 once, not at every call.
 
 Under `torch.autocast` a linear layer's float32 weight is cast to bf16 each time it is used: in
-every micro-batch's forward and again in its backward. Autocast caches the cast only for weights
+every micro-batch (and again wherever a forward is recomputed). Autocast caches the cast only for weights
 that require gradients, so the frozen base of a LoRA / IA3 / freeze run (nearly all the weights)
-pays a full read-and-write pass over itself per use; on a CPU with bf16 units that copying was a
-fifth of a LoRA update's time (examples/profile_step.py). Here each frozen `nn.Linear` keeps one
-cast copy and reuses it while the weight is unchanged. The numbers are autocast's own: the same
+pays a full read-and-write pass over itself per use (`examples/profile_step.py` shows it as
+`aten::copy_`; the README has the figures). Here each frozen `nn.Linear` keeps one cast copy and
+reuses it while the weight is unchanged. The numbers are autocast's own: the same
 rounding of the same weight (tested), and float32 state dicts, checkpoints and syncs as before.
 """
 from __future__ import annotations
@@ -35,7 +35,8 @@ class CastCachedLinear(nn.Linear):
 def cache_frozen_casts(model: nn.Module) -> int:
     """Make every plain float32 `nn.Linear` of `model` a `CastCachedLinear` (the state dict, the
     parameters and `isinstance` checks are unchanged); returns how many. Quantised layers
-    (bitsandbytes subclasses of nn.Linear) and peft's own layers are left alone."""
+    (bitsandbytes subclasses of nn.Linear) keep their class; trainable ones (LoRA's A and B) are
+    converted too but take autocast's own path, which caches their cast already."""
     n = 0
     for module in model.modules():
         if type(module) is nn.Linear and module.weight.dtype == torch.float32:

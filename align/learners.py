@@ -23,10 +23,10 @@ import torch
 from align.config import ModelConfig, PeftConfig
 from align.cores import ThreadBudget, watch_layers
 from align.device import HOST, autocast, dist_backend, free_port, node_ip, resolve_autocast, to_host, worker_device
+from align.frozen_cast import cache_frozen_casts
 from align.logprobs import logprobs_in_chunks, micro_batches, sequence_logprobs, trim
 from align.models import load_causal_lm, set_threads
 from align.placement import Placed
-from align.frozen_cast import cache_frozen_casts
 from align.tuning import after_backward_hook, apply_tuning, is_peft, quantization_config, trainable_state_dict
 from align.types import Experience
 

@@ -29,7 +29,6 @@ def equations_hold(completion: str) -> bool:
     return bool(found) and all(abs(_OPS[op](float(a), float(b)) - float(c)) < 1e-9 for a, op, b, c in found)
 
 
-
 def _tags_pattern(tags: Sequence[str]) -> re.Pattern:
     """`<a>...</a>\\s*<b>...</b>` for tags (a, b), each body non-greedy and free of its own tags."""
     parts = []
