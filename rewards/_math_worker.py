@@ -50,6 +50,27 @@ def _build_configs(options: dict):
     return configs
 
 
+def _unevaluated(expr) -> bool:
+    """Whether a parsed answer is arithmetic left for the grader: a sum or difference of number
+    literals ("44 + 22", "66 - 0"), a product of two or more integers ("6 * 7") or an integer power
+    ("2^3"). Closed forms ("1 + sqrt(2)", "2 pi", "1/2", "66 %") are answers, not left-over work."""
+    import sympy
+
+    if not isinstance(expr, sympy.Basic):
+        return False
+    def literal(a) -> bool:  # a number as written: 7, 0.5, "-0" (-1*0), "1/2" (1 * 2**-1)
+        return bool(a.is_Number or (a.is_Mul and all(literal(b) for b in a.args))
+                    or (a.is_Pow and a.base.is_Integer and a.exp == -1))
+
+    if expr.is_Add:
+        return all(literal(a) for a in expr.args)
+    if expr.is_Mul:
+        return sum(1 for a in expr.args if a.is_Integer and abs(a) != 1) > 1
+    if expr.is_Pow:
+        return bool(expr.base.is_Integer and expr.exp.is_Integer and expr.exp > 1)
+    return False
+
+
 def _strip_reasoning(text: str, marker: str | None) -> str:
     """The text after the last `marker` (e.g. '</think>'), or the whole text when it is absent."""
     if marker and marker in text:
@@ -86,6 +107,11 @@ class _Scorer:
         pred = self.mv.parse(text, extraction_config=configs, extraction_mode="first_match",
                              parsing_timeout=t_parse)
         if not pred:
+            return 0.0
+        # "so she has 44 + 22 stickers" verifies against 66 (math-verify compares values): a policy
+        # learned to stop there and let the grader add (2026-12-05). Unless the gold is itself such
+        # an expression, the answer must be worked out.
+        if options.get("evaluated_only", True) and _unevaluated(pred[0]) and not _unevaluated(parsed_gold[0]):
             return 0.0
         return 1.0 if self.mv.verify(parsed_gold, pred, timeout_seconds=t_verify) else 0.0
 

@@ -15,6 +15,11 @@ TRL and open-r1 turn it off): without it a bare "$\\frac{1}{2}$" yields no answe
 it, on the cases above and "We have $a=12$ and $b=7$. Total 19", nothing got worse.
 `plain_numbers=False, latex_without_anchor=False` is the TRL / open-r1 prediction parsing.
 
+An answer left as arithmetic ("so she has 44 + 22 stickers", "\\boxed{6 * 7}") verifies in
+math-verify, which compares values; here it scores 0.0 unless the gold is written that way too
+(`evaluated_only=False` keeps math-verify's verdict). A GRPO policy on the arithmetic task found
+that gap within 14 steps (2026-12-05): it stopped writing results and its held-out "accuracy" rose to 94 %.
+
 Every parse and verify runs in a `MathVerifyPool` process with a hard per-item deadline, so this
 returns in bounded time from the main thread, a worker thread or a Ray actor alike (checked by
 hand in a Ray actor with max_concurrency=4, and in a Ray task that received a pickled copy).
@@ -74,7 +79,7 @@ class MathAccuracy:
 
     def __init__(self, gold_column: str = "answer", timeout: float = 10.0,
                  timeout_value: float | None = 0.0, plain_numbers: bool = True,
-                 latex_without_anchor: bool = True, reasoning_end: str | None = "</think>",
+                 latex_without_anchor: bool = True, evaluated_only: bool = True, reasoning_end: str | None = "</think>",
                  num_workers: int = 2, memory_mb: int = 2048,
                  pool: MathVerifyPool | None = None) -> None:
         if timeout <= 0:
@@ -89,7 +94,7 @@ class MathAccuracy:
         soft = max(1, int(timeout // 3))
         self.options = dict(parse_timeout=soft, verify_timeout=soft, hard_timeout=timeout,
                             plain_numbers=plain_numbers, latex_without_anchor=latex_without_anchor,
-                            reasoning_end=reasoning_end)
+                            evaluated_only=evaluated_only, reasoning_end=reasoning_end)
         self._pool = pool
         self._owns_pool = pool is None
         self._lock = threading.Lock()

@@ -125,6 +125,27 @@ def test_math_accuracy_positive_and_negative(acc):
     assert after["timeouts"] == before["timeouts"]
 
 
+def test_answers_left_as_arithmetic_do_not_count(pool):
+    cases = [  # (completion, gold, evaluated_only verdict): math-verify alone says 1.0 to all
+        ("so she collects 44 + 22 stickers.", "66", 0.0),
+        ("she has 66 - 0 apples", "66", 0.0),
+        ("\\boxed{6 * 7}", "42", 0.0),
+        ("2^3", "8", 0.0),
+        ("1/2 + 1/4", "0.75", 0.0),
+        ("44 + 22 = 66 stickers", "66", 1.0),  # the worked-out result is the answer
+        ("1/2", "0.5", 1.0),  # a fraction, a percentage, a closed form are answers
+        ("66%", "0.66", 1.0),
+        ("$1 + \\sqrt{2}$", "$1 + \\sqrt{2}$", 1.0),
+        ("$2\\pi$", "$2\\pi$", 1.0),
+        ("$2^{10}$", "$2^{10}$", 1.0),  # the gold is written the same way
+    ]
+    strict = MathAccuracy(timeout=2.0, pool=pool)
+    lenient = MathAccuracy(timeout=2.0, pool=pool, evaluated_only=False)
+    completions, golds = [c for c, _, _ in cases], [g for _, g, _ in cases]
+    assert strict(["q"] * len(cases), completions, answer=golds) == [e for _, _, e in cases]
+    assert lenient(["q"] * len(cases), completions, answer=golds) == [1.0] * len(cases)
+
+
 def test_math_accuracy_gold_column_and_latex_only(pool):
     custom = MathAccuracy(gold_column="solution", plain_numbers=False, latex_without_anchor=False,
                           timeout=2.0, pool=pool)
