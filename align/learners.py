@@ -27,6 +27,7 @@ from align.frozen_cast import cache_frozen_casts
 from align.logprobs import logprobs_in_chunks, micro_batches, sequence_logprobs, trim
 from align.models import load_causal_lm, set_threads
 from align.placement import Placed
+from align.trainer import lr_lambda
 from align.tuning import after_backward_hook, apply_tuning, is_peft, quantization_config, trainable_state_dict
 from align.types import Experience
 
@@ -295,8 +296,8 @@ class PolicyLearner(DataParallel):
     """The trainable policy, its optimizer and the update loop over one rollout batch."""
 
     def __init__(self, model_cfg: ModelConfig, peft_cfg: PeftConfig, lr: float, total_steps: int,
-                 weight_decay: float = 0.0, warmup_steps: int = 0, max_grad_norm: float = 1.0,
-                 temperature: float = 1.0, micro_batch_size: int = 8, seed: int = 0, num_threads: int = 0,
+                 weight_decay: float = 0.0, warmup_steps: int = 0, lr_scheduler: str = "constant",
+                 max_grad_norm: float = 1.0, temperature: float = 1.0, micro_batch_size: int = 8, seed: int = 0, num_threads: int = 0,
                  model: torch.nn.Module | None = None, amp: str = "none", zero_stage: int = 0,
                  zero_offload: bool = False, device: str = "auto", micro_batch_tokens: int = 0,
                  packing: bool = False, share_prompt: bool = False, loan_path: str | None = None):
@@ -316,8 +317,8 @@ class PolicyLearner(DataParallel):
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / (warmup_steps + 1)) if warmup_steps else 1.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(  # stepped once per training step
+            self.optimizer, lr_lambda(lr_scheduler, warmup_steps, total_steps))
         self.max_grad_norm, self.temperature, self.micro = max_grad_norm, temperature, micro_batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self.steps = 0
@@ -387,10 +388,11 @@ class PolicyLearner(DataParallel):
                 if ok and self.after_step is not None:
                     self.after_step(self.steps)
                 skipped += not ok
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step used
         self.scheduler.step()
         self.steps += 1
         out = sums.means()
-        out.update(lr=self.scheduler.get_last_lr()[0], skipped_updates=skipped, grad_norm=sum(norms) / len(norms),
+        out.update(lr=lr, skipped_updates=skipped, grad_norm=sum(norms) / len(norms),
                    **{"threads/update_peak": self.threads.reset()})
         return out
 

@@ -179,7 +179,8 @@ class RLRun:
                       num_threads=t.num_threads, debug=debug, env_threads=t.num_threads or 2, amp=t.autocast,
                       zero_stage=t.zero_stage, zero_offload=t.zero_offload, device=res.device)
         self.learner = ActorGroup(PolicyLearner, n_learners, cfg.model, cfg.peft, t.lr, t.max_steps,
-                                  weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, temperature=r.temperature,
+                                  weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
+                                  lr_scheduler=t.lr_scheduler, temperature=r.temperature,
                                   micro_batch_tokens=cfg.algorithm.micro_batch_tokens, packing=cfg.algorithm.packing,
                                   share_prompt=cfg.algorithm.share_prompt, loan_path=loan_path,
                                   model=model, placement=self._slots("learner"), **common)

@@ -114,8 +114,9 @@ class RLTrainConfig:
     output_dir: str = "runs/rl"  # the run directory
     seed: int = 0  # seeds prompt order, sampling and initialisation
     max_steps: int = 20  # training steps (rollout + update); the same name as the supervised stages' train.max_steps
-    lr: float = 2e-4  # learning rate (constant after warm-up)
+    lr: float = 2e-4  # peak learning rate
     warmup_steps: int = 0  # linear warm-up steps
+    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"  # decay over max_steps after warm-up
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
     num_threads: int = 0  # torch threads for the learner (0 = all cores)

@@ -40,7 +40,7 @@ def _cfg(tmp_path, model_dir, *extra):
 @pytest.mark.parametrize("debug", [True, False], ids=["debug", "ray"])
 def test_three_step_run_changes_weights_and_writes_metrics(tmp_path, debug):
     model_dir = save_tiny_model(tmp_path / "tiny")
-    out = rl.run(_cfg(tmp_path, model_dir, f"train.debug={str(debug).lower()}"))
+    out = rl.run(_cfg(tmp_path, model_dir, f"train.debug={str(debug).lower()}", "train.lr_scheduler=cosine"))
     run = tmp_path / "run"
     lora = load_file(str(run / "final" / "adapter_model.safetensors"))
     b = [v for k, v in lora.items() if "lora_B" in k]
@@ -48,6 +48,8 @@ def test_three_step_run_changes_weights_and_writes_metrics(tmp_path, debug):
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if "time/step" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
+    # cosine over 3 steps from 1e-2: 0.5 (1 + cos(pi s / 3)) = 1, 3/4, 1/4 at s = 0, 1, 2
+    assert [r["lr"] for r in steps] == pytest.approx([1e-2, 7.5e-3, 2.5e-3])
     for key in REQUIRED:
         assert all(key in r for r in steps), key
     assert recs[0]["step"] == 0 and "eval/accuracy" in recs[0] and "eval/accuracy" in recs[-1]
