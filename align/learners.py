@@ -297,7 +297,8 @@ class PolicyLearner(DataParallel):
 
     def __init__(self, model_cfg: ModelConfig, peft_cfg: PeftConfig, lr: float, total_steps: int,
                  weight_decay: float = 0.0, warmup_steps: int = 0, lr_scheduler: str = "constant",
-                 max_grad_norm: float = 1.0, temperature: float = 1.0, micro_batch_size: int = 8, seed: int = 0, num_threads: int = 0,
+                 max_grad_norm: float = 1.0, temperature: float = 1.0, micro_batch_size: int = 8, seed: int = 0,
+                 num_threads: int = 0,
                  model: torch.nn.Module | None = None, amp: str = "none", zero_stage: int = 0,
                  zero_offload: bool = False, device: str = "auto", micro_batch_tokens: int = 0,
                  packing: bool = False, share_prompt: bool = False, loan_path: str | None = None):

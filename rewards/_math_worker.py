@@ -58,6 +58,7 @@ def _unevaluated(expr) -> bool:
 
     if not isinstance(expr, sympy.Basic):
         return False
+
     def literal(a) -> bool:  # a number as written: 7, 0.5, "-0" (-1*0), "1/2" (1 * 2**-1)
         return bool(a.is_Number or (a.is_Mul and all(literal(b) for b in a.args))
                     or (a.is_Pow and a.base.is_Integer and a.exp == -1))
