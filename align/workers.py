@@ -14,7 +14,7 @@ import torch
 
 from align.config import ModelConfig
 from align.cores import ThreadBudget
-from align.device import autocast, resolve_dtype, to_host, worker_device
+from align.device import autocast, engine_dtype, to_host, worker_device
 from align.logprobs import logprobs_in_chunks
 from align.models import load_causal_lm, set_threads
 from align.placement import Placed
@@ -39,7 +39,8 @@ class RolloutWorker(Placed):
         self.device = worker_device(device)
         vllm = dict(tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
                     enable_sleep_mode=sleep_mode, **(vllm_kwargs or {}))
-        self.engine = make_engine(backend, model=model, tokenizer=tokenizer, dtype=resolve_dtype(dtype, self.device), num_threads=threads,
+        self.engine = make_engine(backend, model=model, tokenizer=tokenizer, dtype=engine_dtype(dtype, self.device),
+                                  num_threads=threads,
                                   enable_lora=enable_lora, max_lora_rank=max_lora_rank, seed=seed,
                                   max_model_len=max_model_len, hf_kwargs={"device": self.device},
                                   vllm_kwargs=vllm)

@@ -6,10 +6,11 @@ here in torch from the raw logits, so the logprob convention is exactly `rollout
 (log_softmax(logits / T) at the sampled token, before top-k / top-p).
 
 Weights: the checkpoint is written once as a GGUF file in `outtype`: f32 matches the learner's
-numerics best; bf16 (what `rollout.dtype: auto` serves on CPUs with bf16 units) decoded 1.5x faster
-than f32 on an AVX512-BF16 CPU (README), f16 and q8_0 in between. A LoRA
-update is a small GGUF adapter file that llama.cpp applies beside the base weights (hot swap, no
-reload); full weight updates rewrite and reload the model file. A group's samples share one KV
+numerics best and is what `rollout.dtype: auto` serves; bf16 decoded 1.5x faster than f32 on an
+AVX512-BF16 CPU, f16 and q8_0 in between, but a LoRA update merged into bf16 weights is mostly
+lost to rounding (README). A LoRA update is folded into the model file's weights in place and the
+file reloaded (`lora="merge"`), or served as a llama.cpp adapter file beside the base weights
+(`lora="adapter"`: hot swap, slower decode); full weight updates rewrite and reload the model file. A group's samples share one KV
 copy of their prompt: llama.cpp's unified KV cache lets a cell belong to several sequences, so a
 prompt is prefilled once however many samples it has. Llama-architecture checkpoints only (the
 exporter's limit, `align.gguf_export`).

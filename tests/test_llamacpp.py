@@ -121,10 +121,12 @@ def test_lora_updates_and_full_weights(lora):
 def test_bf16_weights_serve_the_model_within_bf16_rounding():
     """rollout.dtype=bfloat16 serves bf16 GGUF weights: log-probs are the model's within bf16's
     rounding (and not bit-equal: the rounding is really there), and LoRA merges into the bf16 file."""
-    from align.device import fast_bf16
+    from align.device import engine_dtype
     from rollout import gguf_type
 
-    assert gguf_type("auto") == ("bf16" if fast_bf16("cpu") else "f32")
+    # "auto" never takes bf16 on a CPU: policy updates merged into bf16 weights are mostly lost
+    assert gguf_type("auto") == "f32" and engine_dtype("auto", "cpu") == "float32"
+    assert engine_dtype("bfloat16", "cpu") == "bfloat16"
     assert (gguf_type("float32"), gguf_type("float16"), gguf_type("bfloat16")) == ("f32", "f16", "bf16")
     with pytest.raises(ValueError, match="bfloat16, float16 or float32"):
         gguf_type("int8")
