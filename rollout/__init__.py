@@ -107,15 +107,11 @@ def resolve_backend(backend: str, model: str | Path | Any) -> str:
 
 
 def gguf_type(dtype: str) -> str:
-    """The llama.cpp engine's GGUF weight type for a torch dtype name ("auto": f32).
+    """The llama.cpp engine's GGUF weight type for a torch dtype name ("auto": f32, as every CPU
+    engine under `align.device.engine_dtype`, which says why)."""
+    from align.device import engine_dtype
 
-    Not bf16 under "auto" even where it decodes faster: the engine folds each policy update into its
-    weights, and a trained LoRA delta is mostly below bf16's resolution there (after the main job's
-    20 steps 57 % of its elements vanished and the served delta was off by 96-98 % of its size; f16:
-    14 %, 16-17 %; `examples/check_bf16_merge.py`), so a bf16 engine samples from nearly the base model."""
-    if dtype == "auto":
-        return "f32"
-    name = dtype.removeprefix("torch.")
+    name = engine_dtype(dtype, "cpu").removeprefix("torch.")
     types = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
     if name not in types:
         raise ValueError(f"the llama.cpp engine serves bfloat16, float16 or float32 weights, not {dtype!r}")
