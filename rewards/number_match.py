@@ -3,6 +3,11 @@ gold's, as lm-evaluation-harness's GSM8K "flexible-extract" scores them.
 
 For machines without math-verify (the bare GPU machine of `examples/gpu_check.py`) and for tasks
 whose answers are plain numbers; `math_accuracy` is the general check (LaTeX, fractions, sets).
+
+`number_closeness` is partial credit beside an exact-answer reward: 1 - |x - gold| / (tolerance *
+max(|gold|, 1)), floored at 0, for the completion's last number x. A small policy that sets up the
+right sum and carries wrongly ("55 + 54 = 119" for 109) then earns more than one that picks the
+wrong operation ("57 - 55 = 2" for 112), which an exact check scores the same (both 0).
 """
 from __future__ import annotations
 
@@ -33,6 +38,30 @@ def number_match(answer_field: str = "answer"):
             want = _last_number(normalize_gold(gold) or "")
             got = _last_number(text)
             out.append(None if want is None else float(got is not None and abs(got - want) < 1e-9))
+        return out
+
+    return score
+
+
+@register("number_closeness")
+def number_closeness(answer_field: str = "answer", tolerance: float = 0.5):
+    """Partial credit for a last number near the gold's: 1 at the gold, falling linearly to 0 at a
+    relative error of `tolerance` (of max(|gold|, 1)); 0 without a number, None when the gold has none."""
+    if tolerance <= 0:
+        raise ValueError(f"number_closeness: tolerance must be > 0, got {tolerance}")
+
+    def score(prompts: list[str], completions: list[str], **columns: Any) -> list[float | None]:
+        golds = columns.get(answer_field) or [None] * len(completions)
+        out: list[float | None] = []
+        for gold, text in zip(golds, completions):
+            want = _last_number(normalize_gold(gold) or "")
+            got = _last_number(text)
+            if want is None:
+                out.append(None)
+            elif got is None:
+                out.append(0.0)
+            else:
+                out.append(max(0.0, 1.0 - abs(got - want) / (tolerance * max(abs(want), 1.0))))
         return out
 
     return score

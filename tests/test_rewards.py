@@ -578,3 +578,16 @@ def test_number_match_scores_the_last_number_against_the_gold():
     got = fn(["p"] * 5, ["12 + 7 = 19", "It is 1,234.", "about 5 or 6", "no number", "x"],
              answer=["19", "#### 1,234", "5", "3", None])
     assert got == [1.0, 1.0, 0.0, 0.0, None]
+
+
+def test_number_closeness_gives_partial_credit_by_relative_error():
+    fn = rewards.get("number_closeness")  # tolerance 0.5: zero at 50 % off
+    got = fn(["p"] * 7, ["55 + 54 = 119", "57 - 55 = 2", "so 109", "none", "x", "It is 1,100.", "3"],
+             answer=["109", "112", "109", "5", None, "#### 1,000", "0"])
+    assert got[0] == pytest.approx(1 - 10 / 54.5)  # right sum, a carry wrong: most of the credit
+    assert got[1:5] == [0.0, 1.0, 0.0, None]  # wrong operation: nothing; exact: all; no number: 0
+    assert got[5] == pytest.approx(0.8)  # thousands commas read: 100 off 1000
+    assert got[6] == 0.0  # gold 0: the scale is max(|gold|, 1), 3 off is past it
+    assert rewards.get("number_closeness", tolerance=0.1)(["p"], ["105"], answer=["100"]) == [pytest.approx(0.5)]
+    with pytest.raises(ValueError, match="tolerance"):
+        rewards.get("number_closeness", tolerance=0)
