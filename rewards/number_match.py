@@ -12,7 +12,7 @@ wrong operation ("57 - 55 = 2" for 112), which an exact check scores the same (b
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable
 
 from rewards.math_accuracy import normalize_gold
 from rewards.registry import register
@@ -26,21 +26,24 @@ def _last_number(text: str) -> float | None:
     return float(found[-1].replace(",", "")) if found else None
 
 
+def _scorer(answer_field: str, credit: Callable[[float | None, float], float]) -> Callable[..., list[float | None]]:
+    """A reward function scoring each completion's last number (None if it has none) against the
+    gold's with `credit(got, want)`; None where the gold holds no number."""
+
+    def score(prompts: list[str], completions: list[str], **columns: Any) -> list[float | None]:
+        golds = columns.get(answer_field) or [None] * len(completions)
+        wants = [_last_number(normalize_gold(gold) or "") for gold in golds]
+        return [None if want is None else credit(_last_number(text), want)
+                for want, text in zip(wants, completions)]
+
+    return score
+
+
 @register("number_match")
 def number_match(answer_field: str = "answer"):
     """1.0 when the completion's last number equals the gold's (the `answer_field` column, GSM8K's
     '#### 18' understood), 0.0 when not, None when the gold holds no number."""
-
-    def score(prompts: list[str], completions: list[str], **columns: Any) -> list[float | None]:
-        golds = columns.get(answer_field) or [None] * len(completions)
-        out: list[float | None] = []
-        for gold, text in zip(golds, completions):
-            want = _last_number(normalize_gold(gold) or "")
-            got = _last_number(text)
-            out.append(None if want is None else float(got is not None and abs(got - want) < 1e-9))
-        return out
-
-    return score
+    return _scorer(answer_field, lambda got, want: float(got is not None and abs(got - want) < 1e-9))
 
 
 @register("number_closeness")
@@ -50,18 +53,9 @@ def number_closeness(answer_field: str = "answer", tolerance: float = 0.5):
     if tolerance <= 0:
         raise ValueError(f"number_closeness: tolerance must be > 0, got {tolerance}")
 
-    def score(prompts: list[str], completions: list[str], **columns: Any) -> list[float | None]:
-        golds = columns.get(answer_field) or [None] * len(completions)
-        out: list[float | None] = []
-        for gold, text in zip(golds, completions):
-            want = _last_number(normalize_gold(gold) or "")
-            got = _last_number(text)
-            if want is None:
-                out.append(None)
-            elif got is None:
-                out.append(0.0)
-            else:
-                out.append(max(0.0, 1.0 - abs(got - want) / (tolerance * max(abs(want), 1.0))))
-        return out
+    def credit(got: float | None, want: float) -> float:
+        if got is None:
+            return 0.0
+        return max(0.0, 1.0 - abs(got - want) / (tolerance * max(abs(want), 1.0)))
 
-    return score
+    return _scorer(answer_field, credit)
