@@ -80,13 +80,13 @@ def served_shift(adapter_dir: Path, tensors: dict[str, torch.Tensor], model, tok
 
 
 def main() -> None:
-    args = sys.argv[1:]
-    factor = 1.0
-    if "--scale" in args:
-        i = args.index("--scale")
-        factor = float(args[i + 1])
-        del args[i:i + 2]
-    dirs = [Path(p) for p in args] or [Path("runs/main/final")]
+    import argparse
+
+    parser = argparse.ArgumentParser(description="How much of a LoRA update a 16-bit engine serves.")
+    parser.add_argument("dirs", nargs="*", type=Path, default=[Path("runs/main/final")], help="adapter directories")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every lora_B by this first")
+    args = parser.parse_args()
+    dirs, factor = args.dirs, args.scale
     base = json.loads((dirs[0] / "adapter_config.json").read_text())["base_model_name_or_path"]
     model_cfg = ModelConfig(name=base or "smollm2-135m-instruct")
     model = load_causal_lm(model_cfg)
