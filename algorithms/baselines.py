@@ -60,6 +60,11 @@ class _KLInReward:
         """Old and reference logprobs when there is a KL term (it is in the reward); no critic."""
         return Needs(old_logprobs=self.kl_coef > 0, ref_logprobs=self.kl_coef > 0, values=False)
 
+    @property
+    def zero_advantage_trains(self) -> bool:
+        """Whether a row whose advantages are all 0 still has a gradient: only with the KL in the loss."""
+        return self.kl_mode == "loss" and self.kl_coef > 0
+
     def select(self, groups: list, batch_groups: int | None = None, round: int = 1, rng=None) -> Selection:
         """Every generated group trains."""
         return keep_all(groups)

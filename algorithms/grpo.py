@@ -108,6 +108,12 @@ class GRPO:
         ratio is 1 and its gradient is that of logprobs, as with old = logprobs.detach() (TRL)."""
         return Needs(old_logprobs=False, ref_logprobs=self.kl_coef > 0, values=False)
 
+    @property
+    def zero_advantage_trains(self) -> bool:
+        """Whether a row whose advantages are all 0 still has a gradient (a KL term in the loss);
+        where not, the learner skips such rows (`align.learners.live_rows`)."""
+        return self.kl_coef > 0
+
     def select(self, groups: list[list[Sample]], batch_groups: int | None = None, round: int = 1,
                rng: random.Random | None = None) -> Selection:
         """Batch selection by `self.selection` (see core.select_groups): `groups` holds every group

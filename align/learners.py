@@ -34,7 +34,8 @@ from align.types import Experience
 _MERGEABLE_ADAPTERS = {"lora", "dora", "adalora", "ia3", "qlora"}
 # Loss metrics of a micro-batch are its share of the minibatch loss (normalised by the minibatch's
 # counts): they add up over micro-batches. Every other metric is a per-token mean: token-weighted.
-_ADDITIVE = ("loss", "pg_loss", "value_loss")
+# idle_rows_skipped (the share of rows `live_rows` left out) is a per-update figure, added the same way.
+_ADDITIVE = ("loss", "pg_loss", "value_loss", "idle_rows_skipped")
 
 
 class MetricSums:
@@ -78,6 +79,19 @@ def group_minibatches(order: torch.Tensor, group_ids: torch.Tensor, n: int) -> l
     n = min(n, len(starts))
     bounds = sorted({starts[round(k * len(starts) / n)] for k in range(n)}) + [len(gids)]
     return [order[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def live_rows(exp: Experience) -> Experience:
+    """`exp` without its rows whose advantages are all 0 (a GRPO group whose rewards are equal):
+    under a loss with no KL term they carry no gradient, so an update can skip their forward and
+    backward. One row stays when none is live, so that the optimizer still steps on zero gradients."""
+    adv = exp.advantages.reshape(len(exp.advantages), -1)
+    live = (adv != 0).any(1)
+    if bool(live.all()):
+        return exp
+    if not bool(live.any()):
+        live[int(exp.attention_mask.sum(1).argmin())] = True
+    return exp.index(live.nonzero().squeeze(1))
 
 
 def _place(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -348,16 +362,23 @@ class PolicyLearner(DataParallel):
         self.threads.reset()
         return to_host(out)
 
-    def backward(self, mini: Experience, loss_fn: Any, sums: MetricSums, correction: dict | None = None) -> None:
+    def backward(self, mini: Experience, loss_fn: Any, sums: MetricSums, correction: dict | None = None,
+                 skip_idle: bool = False) -> None:
         """Accumulate the gradient of one minibatch over micro-batches, metrics into `sums`.
 
         The loss is normalised by the whole minibatch's counts (algorithms/core.py), so the summed
-        micro-batch gradients equal the gradient of the minibatch in one piece (tested).
+        micro-batch gradients equal the gradient of the minibatch in one piece (tested). With
+        `skip_idle` (a loss with no term but the advantage-weighted one) rows whose advantages are
+        all 0 are left out after the counts are taken: same gradient, less compute (`live_rows`).
         """
         from algorithms.core import normalizers
 
         mini = mini.to(self.device)
         counts = self._global_counts(normalizers(mini.action_mask))
+        if skip_idle:
+            rows = len(mini.input_ids)
+            mini = live_rows(mini)
+            sums.add({"idle_rows_skipped": 1 - len(mini.input_ids) / rows}, 0.0)
         micro = micro_batches(mini, self.micro, self.tokens, self.packing, self.shared)
         for k, (_, mb) in enumerate(micro):
             self.threads.refresh()  # the engine may have finished generating: its core is lent here
@@ -378,12 +399,13 @@ class PolicyLearner(DataParallel):
         whole groups); `correction` = the run's rollout-correction settings, passed to the loss.
         Returns token-weighted mean metrics."""
         loss_fn = getattr(algorithm, "policy_loss", None) or algorithm.loss
+        skip_idle = not getattr(algorithm, "zero_advantage_trains", True)
         sums = MetricSums()
         skipped, norms = 0, []
         for _ in range(epochs):
             order = group_order(exp.group_ids, self.generator)
             for idx in group_minibatches(order, exp.group_ids, minibatches):
-                self.backward(exp.index(idx), loss_fn, sums, correction)
+                self.backward(exp.index(idx), loss_fn, sums, correction, skip_idle)
                 norm, ok = self._step()
                 norms.append(norm)
                 if ok and self.after_step is not None:

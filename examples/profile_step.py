@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64, help="generation limit")
     ap.add_argument("--dtype", default="auto", help="the engine's weights (rollout.dtype): auto, bfloat16, float32")
     ap.add_argument("--autocast", default="auto", help="the learner's (train.autocast): auto, bfloat16, none")
+    ap.add_argument("--attn", default="sdpa", help="the learner's attention (model.attn_implementation): sdpa, eager")
     args = ap.parse_args()
     set_threads(1)
     path = resolve_model("smollm2-135m-instruct")
@@ -51,7 +52,7 @@ def main() -> None:
     gen_s = time.perf_counter() - t
     decode_s = sum(v[2] for k, v in pstats.Stats(prof).stats.items() if k[2] == "_decode")
     tokens = sum(len(s.completion_ids) for s in samples)
-    print(f"engine weights: {engine.engine.outtype}; learner autocast: {args.autocast}")
+    print(f"engine weights: {engine.engine.outtype}; learner autocast: {args.autocast}, attention: {args.attn}")
     print(f"generation: {gen_s:.1f} s for {len(samples)} samples, {tokens} new tokens; "
           f"{decode_s:.1f} s in llama_decode")
 
@@ -60,7 +61,7 @@ def main() -> None:
     exp = build_experience(samples, tok.pad_token_id)
     algo = algorithms.get("grpo", loss_agg="token-mean", scale_rewards="batch")
     exp.advantages = algo.advantages(**exp.tensors())
-    learner = PolicyLearner(ModelConfig(name=path), PeftConfig(method="lora", r=16, alpha=32), lr=5e-4,
+    learner = PolicyLearner(ModelConfig(name=path, attn_implementation=args.attn), PeftConfig(method="lora", r=16, alpha=32), lr=5e-4,
                             total_steps=3, temperature=0.7, micro_batch_size=16, num_threads=1,
                             micro_batch_tokens=1600, share_prompt=True, amp=args.autocast)
     learner.update(exp, algo)  # warm-up

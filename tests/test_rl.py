@@ -125,9 +125,9 @@ def test_vllm_engine_equals_learner_after_sync(tmp_path, merged):
         worker.engine.close()
 
 
-def _learner_with_gradients(model_dir, micro_batch_size):
+def _learner_with_gradients(model_dir, micro_batch_size, attn="sdpa"):
     """A LoRA policy learner whose B matrices are non-zero, so that every LoRA parameter gets a gradient."""
-    learner = PolicyLearner(ModelConfig(name=str(model_dir)), PeftConfig(method="lora", r=8), lr=1e-2,
+    learner = PolicyLearner(ModelConfig(name=str(model_dir), attn_implementation=attn), PeftConfig(method="lora", r=8), lr=1e-2,
                             total_steps=2, temperature=0.7, micro_batch_size=micro_batch_size, num_threads=1)
     with torch.no_grad():
         for n, p in learner.model.named_parameters():
@@ -160,14 +160,14 @@ def test_microbatch_accumulation_equals_one_batch(tmp_path):
         assert torch.allclose(one[n], parts[n], atol=1e-6, rtol=1e-4), n
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
-def test_packed_and_token_budget_micro_batches_equal_one_padded_batch(tmp_path, agg, monkeypatch):
+@pytest.mark.parametrize("agg,attn", [("token-mean", "sdpa"), ("seq-mean-token-mean", "sdpa"), ("token-mean", "eager")])
+def test_packed_and_token_budget_micro_batches_equal_one_padded_batch(tmp_path, agg, attn, monkeypatch):
     """Padding-free updates: micro-batches cut by a token budget (padded, length-sorted), packed
     ones (one sequence per micro-batch, position ids restarting per row) and prompt-shared ones
     (each group's prompt run once) give the loss, the gradients and the log-probs of the whole
-    batch in one padded piece."""
+    batch in one padded piece, under either CPU attention backend (the main job's preset takes eager)."""
     model_dir = save_tiny_model(tmp_path / "tiny")
-    learner = _learner_with_gradients(model_dir, micro_batch_size=64)
+    learner = _learner_with_gradients(model_dir, micro_batch_size=64, attn=attn)
     engine = RolloutWorker("hf", str(model_dir), num_threads=1)
     samples, _, _ = engine.generate(["What is 2 + 3?", "Tom has 5 apples and 3 pears", "yes"],
                                     SamplingParams(n=3, max_new_tokens=9, seed=4))
@@ -209,6 +209,48 @@ def test_packed_and_token_budget_micro_batches_equal_one_padded_batch(tmp_path, 
         assert torch.allclose(lp2[mask], lp[mask], atol=1e-5), (tokens, packing)
         for n in grads:
             assert torch.allclose(grads2[n], grads[n], atol=1e-6, rtol=1e-4), (n, tokens, packing)
+
+
+def test_rows_with_zero_advantage_are_skipped_with_the_same_gradient(tmp_path, monkeypatch):
+    """GRPO with no KL term: a group whose rewards are equal carries no gradient, so the update
+    leaves its rows out (fewer rows through the model) with the same loss and gradients; an
+    all-idle minibatch keeps one row (the optimizer still steps); a KL term keeps every row."""
+    import align.learners
+
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    learner = _learner_with_gradients(model_dir, micro_batch_size=64)
+    engine = RolloutWorker("hf", str(model_dir), num_threads=1)
+    samples, _, _ = engine.generate(["What is 2 + 3?", "Tom has 5 apples", "yes or no"],
+                                    SamplingParams(n=3, max_new_tokens=6, seed=4))
+    for i, s in enumerate(samples):  # groups 0 and 2 vary; group 1 is all right
+        s.reward = 1.0 if s.group_id == 1 else float(i % 2)
+    exp = build_experience(samples, 0)
+    algo = algorithms.get("grpo", loss_agg="token-mean")
+    exp.advantages = algo.advantages(**exp.tensors())
+    idle = (exp.advantages.reshape(len(exp), -1) == 0).all(1)
+    assert idle.sum() == 3 and not algo.zero_advantage_trains
+    assert algorithms.get("grpo", kl_coef=0.1).zero_advantage_trains
+    exp.old_logprobs = learner.logprobs(exp, old=True, ref=False)["old_logprobs"] + 0.05  # off-policy ratios
+    seen = []
+    forward = align.learners.sequence_logprobs
+    monkeypatch.setattr(align.learners, "sequence_logprobs", lambda m, mb, *a, **k: seen.append(len(mb)) or forward(m, mb, *a, **k))
+
+    def run(batch, skip):
+        seen.clear()
+        learner.optimizer.zero_grad(set_to_none=True)
+        sums = MetricSums()
+        learner.backward(batch, algo.loss, sums, skip_idle=skip)
+        return sum(seen), sums.means(), {n: p.grad.clone() for n, p in learner.model.named_parameters() if p.requires_grad}
+
+    rows, metrics, grads = run(exp, False)
+    rows2, metrics2, grads2 = run(exp, True)
+    assert (rows, rows2) == (9, 6) and metrics2["idle_rows_skipped"] == pytest.approx(1 / 3)
+    assert abs(metrics2["loss"] - metrics["loss"]) < 1e-6
+    for n in grads:
+        assert torch.allclose(grads2[n], grads[n], atol=1e-6, rtol=1e-4), n
+    rows3, _, grads3 = run(exp.index(idle.nonzero().squeeze(1)), True)
+    assert rows3 == 1 and all(g.abs().max() == 0 for g in grads3.values())
+    assert learner.update(exp, algo)["idle_rows_skipped"] == pytest.approx(1 / 3)  # the update passes it on
 
 
 def test_dead_rollout_worker_is_restarted_and_the_step_completes(tmp_path):
