@@ -5,9 +5,9 @@
 
 GRPO with LoRA on SmolLM2-135M-Instruct, on arithmetic word problems that the project generates
 with their answers (a held-out set is never trained on); math-verify accuracy plus a small format
-reward and partial credit for answers near the gold (`number_closeness`). Prints greedy held-out
-accuracy before and after, and the step-time split. Any config key of examples/grpo_arithmetic.yaml
-can be overridden as key=value; for GSM8K see that file.
+reward, partial credit for answers near the gold (`number_closeness`) and DAPO's length penalty.
+Prints greedy held-out accuracy before and after, and the step-time split. Any config key of
+examples/grpo_arithmetic.yaml can be overridden as key=value; for GSM8K see that file.
 """
 import sys
 import time
