@@ -399,7 +399,9 @@ class PolicyLearner(DataParallel):
         whole groups); `correction` = the run's rollout-correction settings, passed to the loss.
         Returns token-weighted mean metrics."""
         loss_fn = getattr(algorithm, "policy_loss", None) or algorithm.loss
-        skip_idle = not getattr(algorithm, "zero_advantage_trains", True)
+        # not under DeepSpeed: ZeRO's collectives in every forward / backward need the same
+        # micro-batches on every rank (a rank left with fewer aborted the run)
+        skip_idle = self.engine is None and not getattr(algorithm, "zero_advantage_trains", True)
         sums = MetricSums()
         skipped, norms = 0, []
         for _ in range(epochs):

@@ -1,11 +1,12 @@
 """Where one main-job step's time goes: one generation and one update of the preset's batch shape,
 each on one thread, with the time inside llama.cpp's decode and the learner's matrix-product rate.
 
-    .venv/bin/python examples/profile_step.py            # 8 prompts x 4 samples, 64 new tokens
+    .venv/bin/python examples/profile_step.py            # 5 prompts x 8 samples, 64 new tokens
 
 The generation runs on the llama.cpp engine (cProfile: time in `_decode`, i.e. `llama_decode`, against
 sampling in torch); the update is the preset's (LoRA r16 / alpha 32, token-mean GRPO, micro-batches
-of at most 1600 tokens, shared prompts) on those samples, once to warm up, once timed, once under
+of at most 1600 tokens, shared prompts, eager attention) on those samples, sampled at T 0.7 from the
+base model (longer than the preset's trained replies), once to warm up, once timed, once under
 torch's profiler with FLOP counts. Prints figures only; run it alone on the machine.
 """
 import argparse
@@ -29,12 +30,12 @@ from rollout import SamplingParams
 def main() -> None:
     """Profile one generation and one update; print the figures."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompts", type=int, default=8, help="prompts per step")
-    ap.add_argument("--n", type=int, default=4, help="samples per prompt")
+    ap.add_argument("--prompts", type=int, default=5, help="prompts per step")
+    ap.add_argument("--n", type=int, default=8, help="samples per prompt")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="generation limit")
     ap.add_argument("--dtype", default="auto", help="the engine's weights (rollout.dtype): auto, bfloat16, float32")
     ap.add_argument("--autocast", default="auto", help="the learner's (train.autocast): auto, bfloat16, none")
-    ap.add_argument("--attn", default="sdpa", help="the learner's attention (model.attn_implementation): sdpa, eager")
+    ap.add_argument("--attn", default="eager", help="the learner's attention (model.attn_implementation): sdpa, eager")
     args = ap.parse_args()
     set_threads(1)
     path = resolve_model("smollm2-135m-instruct")
@@ -61,7 +62,8 @@ def main() -> None:
     exp = build_experience(samples, tok.pad_token_id)
     algo = algorithms.get("grpo", loss_agg="token-mean", scale_rewards="batch")
     exp.advantages = algo.advantages(**exp.tensors())
-    learner = PolicyLearner(ModelConfig(name=path, attn_implementation=args.attn), PeftConfig(method="lora", r=16, alpha=32), lr=5e-4,
+    learner = PolicyLearner(ModelConfig(name=path, attn_implementation=args.attn),
+                            PeftConfig(method="lora", r=16, alpha=32), lr=5e-4,
                             total_steps=3, temperature=0.7, micro_batch_size=16, num_threads=1,
                             micro_batch_tokens=1600, share_prompt=True, amp=args.autocast)
     learner.update(exp, algo)  # warm-up

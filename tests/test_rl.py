@@ -127,7 +127,8 @@ def test_vllm_engine_equals_learner_after_sync(tmp_path, merged):
 
 def _learner_with_gradients(model_dir, micro_batch_size, attn="sdpa"):
     """A LoRA policy learner whose B matrices are non-zero, so that every LoRA parameter gets a gradient."""
-    learner = PolicyLearner(ModelConfig(name=str(model_dir), attn_implementation=attn), PeftConfig(method="lora", r=8), lr=1e-2,
+    learner = PolicyLearner(ModelConfig(name=str(model_dir), attn_implementation=attn), PeftConfig(method="lora", r=8),
+                            lr=1e-2,
                             total_steps=2, temperature=0.7, micro_batch_size=micro_batch_size, num_threads=1)
     with torch.no_grad():
         for n, p in learner.model.named_parameters():
@@ -233,14 +234,16 @@ def test_rows_with_zero_advantage_are_skipped_with_the_same_gradient(tmp_path, m
     exp.old_logprobs = learner.logprobs(exp, old=True, ref=False)["old_logprobs"] + 0.05  # off-policy ratios
     seen = []
     forward = align.learners.sequence_logprobs
-    monkeypatch.setattr(align.learners, "sequence_logprobs", lambda m, mb, *a, **k: seen.append(len(mb)) or forward(m, mb, *a, **k))
+    monkeypatch.setattr(align.learners, "sequence_logprobs",
+                        lambda m, mb, *a, **k: seen.append(len(mb)) or forward(m, mb, *a, **k))
 
     def run(batch, skip):
         seen.clear()
         learner.optimizer.zero_grad(set_to_none=True)
         sums = MetricSums()
         learner.backward(batch, algo.loss, sums, skip_idle=skip)
-        return sum(seen), sums.means(), {n: p.grad.clone() for n, p in learner.model.named_parameters() if p.requires_grad}
+        grads = {n: p.grad.clone() for n, p in learner.model.named_parameters() if p.requires_grad}
+        return sum(seen), sums.means(), grads
 
     rows, metrics, grads = run(exp, False)
     rows2, metrics2, grads2 = run(exp, True)
@@ -281,11 +284,11 @@ def test_nonfinite_updates_are_skipped_counted_and_stop_the_run(tmp_path):
     learner = run.learner.workers[0]
     original = learner.backward
 
-    def poisoned(mini, loss_fn, sums, correction=None):  # a NaN loss, as an overflow would give
+    def poisoned(mini, loss_fn, sums, correction=None, skip_idle=False):  # a NaN loss, as an overflow would give
         def nan_loss(**kw):
             loss, m = loss_fn(**kw)
             return loss * float("nan"), m
-        return original(mini, nan_loss, sums, correction)
+        return original(mini, nan_loss, sums, correction, skip_idle)
 
     try:
         before = {n: p.detach().clone() for n, p in learner.model.named_parameters() if p.requires_grad}
