@@ -36,8 +36,8 @@ def _check(algo) -> None:
     check_choice("kl_mode", algo.kl_mode, KL_MODES)
     if algo.dual_clip is not None and algo.dual_clip <= 1:
         raise ValueError(f"dual_clip must be None or > 1, got {algo.dual_clip}")
-    if algo.kl_coef < 0:
-        raise ValueError(f"kl_coef must be >= 0, got {algo.kl_coef}")
+    if algo.kl_coef < 0 or algo.entropy_coef < 0:
+        raise ValueError(f"kl_coef and entropy_coef must be >= 0, got {algo.kl_coef}, {algo.entropy_coef}")
 
 
 def _reward_kl(algo, old_logprobs: Tensor | None, ref_logprobs: Tensor | None) -> Tensor | None:
@@ -62,8 +62,9 @@ class _KLInReward:
 
     @property
     def zero_advantage_trains(self) -> bool:
-        """Whether a row whose advantages are all 0 still has a gradient: only with the KL in the loss."""
-        return self.kl_mode == "loss" and self.kl_coef > 0
+        """Whether a row whose advantages are all 0 still has a gradient: with the KL or an entropy
+        bonus in the loss."""
+        return (self.kl_mode == "loss" and self.kl_coef > 0) or self.entropy_coef > 0
 
     def select(self, groups: list, batch_groups: int | None = None, round: int = 1, rng=None) -> Selection:
         """Every generated group trains."""
@@ -88,6 +89,7 @@ class RLOO(_KLInReward):
     kl_coef: float = 0.05  # beta (TRL RLOO default)
     kl_mode: str = "reward"  # reward: r_i - beta * sum_t k1_t (TRL, OpenRLHF) | loss
     kl_estimator: str = "k1"  # estimator of the KL term
+    entropy_coef: float = 0.0  # weight of an entropy bonus in the loss (verl entropy_coeff, OpenRLHF entropy_loss_coef; 0 = off)
     normalize_advantages: bool = False  # whiten A over the batch afterwards (TRL option)
 
     def advantages(self, *, rewards: Tensor, group_ids: Tensor, action_mask: Tensor | None = None,
@@ -124,6 +126,7 @@ class ReinforcePP(_KLInReward):
     kl_coef: float = 0.01  # beta (OpenRLHF --algo.kl.init_coef); -baseline runs use KL as a loss, 1e-5
     kl_mode: str = "reward"  # reward (the paper) | loss (OpenRLHF's -baseline example, with k2)
     kl_estimator: str = "k1"  # k1 in the reward (the paper)
+    entropy_coef: float = 0.0  # weight of an entropy bonus in the loss (verl entropy_coeff, OpenRLHF entropy_loss_coef; 0 = off)
     gamma: float = 1.0  # discount of the reward-to-go
     baseline: bool = False  # subtract the group mean of the scores before whitening
 

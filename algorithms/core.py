@@ -312,8 +312,11 @@ def policy_loss(*, logprobs: Tensor, advantages: Tensor, action_mask: Tensor, cl
                 ratio_level: str, loss_agg: str, loss_scale_factor: float | None, kl_coef: float,
                 kl_estimator: str, old_logprobs: Tensor | None = None, ref_logprobs: Tensor | None = None,
                 num_tokens: float | None = None, num_seqs: float | None = None, engine_logprobs: Tensor | None = None, rollout_correction: str = "off",
-                correction_cap: float = 2.0) -> tuple[Tensor, dict[str, float]]:
-    """Clipped policy gradient plus kl_coef * KL(pi || pi_ref) as a loss, both reduced by `loss_agg`.
+                correction_cap: float = 2.0, entropy: Tensor | None = None, entropy_coef: float = 0.0
+                ) -> tuple[Tensor, dict[str, float]]:
+    """Clipped policy gradient plus kl_coef * KL(pi || pi_ref) as a loss, both reduced by `loss_agg`,
+    minus `entropy_coef` times the (B, T) token `entropy` reduced the same way (verl `entropy_coeff`,
+    OpenRLHF `entropy_loss_coef`: a bonus that keeps the policy from collapsing onto one answer).
 
     verl aggregates the KL term separately with the same mode; TRL adds it per token first: the two
     are equal because `aggregate` is linear. `old_logprobs=None` means on-policy (ratio exactly 1).
@@ -344,6 +347,11 @@ def policy_loss(*, logprobs: Tensor, advantages: Tensor, action_mask: Tensor, cl
         metrics["kl"] = float(masked_mean(kl.detach(), mask))
         if kl_coef > 0:
             loss = loss + kl_coef * aggregate(kl, mask, **agg)
+    if entropy_coef > 0:
+        if entropy is None or not entropy.requires_grad:
+            raise ValueError(f"entropy_coef={entropy_coef} needs the differentiable token entropies "
+                             "(the learner passes them when the algorithm's entropy_coef > 0)")
+        loss = loss - entropy_coef * aggregate(entropy, mask, **agg)
     metrics["loss"] = float(loss.detach())
     return loss, metrics
 
@@ -353,11 +361,12 @@ def surrogate(algo, fields: dict, kl_coef: float, ratio_level: str = "token") ->
     `fields` (logprobs, advantages, action_mask, old / ref / engine logprobs, counts, the run's
     rollout correction): the one place every algorithm's policy term is computed."""
     keys = ("old_logprobs", "ref_logprobs", "num_tokens", "num_seqs", "engine_logprobs", "rollout_correction",
-            "correction_cap")
+            "correction_cap", "entropy")
     return policy_loss(
         logprobs=fields["logprobs"], advantages=fields["advantages"], action_mask=fields["action_mask"],
         clip_low=algo.clip_low, clip_high=algo.clip_high, dual_clip=algo.dual_clip, ratio_level=ratio_level,
         loss_agg=algo.loss_agg, loss_scale_factor=algo.loss_scale_factor, kl_coef=kl_coef,
+        entropy_coef=getattr(algo, "entropy_coef", 0.0),
         kl_estimator=algo.kl_estimator, **{k: fields[k] for k in keys if fields.get(k) is not None})
 
 

@@ -73,6 +73,7 @@ class GRPO:
     clip_high: float = 0.2  # ratio upper clip: 1 + clip_high (DAPO's clip-higher raises it)
     kl_coef: float = 0.0  # beta of the KL loss; the paper used 0.04, TRL >= 0.19 defaults to 0
     kl_estimator: str = "k3"  # k1 | k2 | k3 (the paper's unbiased, non-negative k3)
+    entropy_coef: float = 0.0  # weight of an entropy bonus in the loss (verl entropy_coeff, OpenRLHF entropy_loss_coef; 0 = off)
     loss_agg: str = "seq-mean-token-mean"  # see core.aggregate; the paper's per-sequence mean
     loss_scale_factor: float | None = None  # C of seq-mean-token-sum-norm (Dr. GRPO: max new tokens)
     scale_rewards: str = "group"  # group | batch | none (Dr. GRPO: no std division)
@@ -95,8 +96,9 @@ class GRPO:
             raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {self.clip_low}, {self.clip_high}")
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ValueError(f"dual_clip must be None or > 1, got {self.dual_clip}")
-        if self.kl_coef < 0 or self.std_eps < 0:
-            raise ValueError(f"kl_coef and std_eps must be >= 0, got {self.kl_coef}, {self.std_eps}")
+        if self.kl_coef < 0 or self.std_eps < 0 or self.entropy_coef < 0:
+            raise ValueError(f"kl_coef, std_eps and entropy_coef must be >= 0, got {self.kl_coef}, {self.std_eps}, "
+                             f"{self.entropy_coef}")
         if self.ratio_level != "token" and self.loss_agg != "seq-mean-token-mean":
             warnings.warn(f"ratio_level={self.ratio_level!r} with loss_agg={self.loss_agg!r} weighs sequences "
                           "by length; GSPO averages per sequence (seq-mean-token-mean)", stacklevel=3)
@@ -110,9 +112,9 @@ class GRPO:
 
     @property
     def zero_advantage_trains(self) -> bool:
-        """Whether a row whose advantages are all 0 still has a gradient (a KL term in the loss);
-        where not, the learner skips such rows (`align.learners.live_rows`)."""
-        return self.kl_coef > 0
+        """Whether a row whose advantages are all 0 still has a gradient (a KL or entropy term in
+        the loss); where not, the learner skips such rows (`align.learners.live_rows`)."""
+        return self.kl_coef > 0 or self.entropy_coef > 0
 
     def select(self, groups: list[list[Sample]], batch_groups: int | None = None, round: int = 1,
                rng: random.Random | None = None) -> Selection:

@@ -363,13 +363,14 @@ class PolicyLearner(DataParallel):
         return to_host(out)
 
     def backward(self, mini: Experience, loss_fn: Any, sums: MetricSums, correction: dict | None = None,
-                 skip_idle: bool = False) -> None:
+                 skip_idle: bool = False, entropy_grad: bool = False) -> None:
         """Accumulate the gradient of one minibatch over micro-batches, metrics into `sums`.
 
         The loss is normalised by the whole minibatch's counts (algorithms/core.py), so the summed
         micro-batch gradients equal the gradient of the minibatch in one piece (tested). With
         `skip_idle` (a loss with no term but the advantage-weighted one) rows whose advantages are
         all 0 are left out after the counts are taken: same gradient, less compute (`live_rows`).
+        With `entropy_grad` the loss gets the token entropies, differentiable (an entropy bonus).
         """
         from algorithms.core import normalizers
 
@@ -384,12 +385,14 @@ class PolicyLearner(DataParallel):
             self.threads.refresh()  # the engine may have finished generating: its core is lent here
             with autocast(self.device, self.amp):
                 lp, ent = sequence_logprobs(self.net, mb, self.temperature, self.packing, with_entropy=True,
-                                            shared=self.shared)
+                                            shared=self.shared, entropy_grad=entropy_grad)
             fields = {k: v for k, v in mb.tensors().items() if k not in ("input_ids", "attention_mask")}
+            if entropy_grad:
+                fields["entropy"] = ent
             loss, metrics = loss_fn(logprobs=lp, **fields, **counts, **(correction or {}))
             self._backward(loss, boundary=k == len(micro) - 1)
             w = float(mb.action_mask.sum())
-            metrics["entropy"] = float((ent * mb.action_mask).sum()) / max(w, 1.0)
+            metrics["entropy"] = float((ent.detach() * mb.action_mask).sum()) / max(w, 1.0)
             sums.add(metrics, w)
         sums.updates += 1
 
@@ -402,12 +405,13 @@ class PolicyLearner(DataParallel):
         # not under DeepSpeed: ZeRO's collectives in every forward / backward need the same
         # micro-batches on every rank (a rank left with fewer aborted the run)
         skip_idle = self.engine is None and not getattr(algorithm, "zero_advantage_trains", True)
+        entropy_grad = getattr(algorithm, "entropy_coef", 0.0) > 0
         sums = MetricSums()
         skipped, norms = 0, []
         for _ in range(epochs):
             order = group_order(exp.group_ids, self.generator)
             for idx in group_minibatches(order, exp.group_ids, minibatches):
-                self.backward(exp.index(idx), loss_fn, sums, correction, skip_idle)
+                self.backward(exp.index(idx), loss_fn, sums, correction, skip_idle, entropy_grad)
                 norm, ok = self._step()
                 norms.append(norm)
                 if ok and self.after_step is not None:

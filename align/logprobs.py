@@ -25,9 +25,10 @@ def fast_head(model: torch.nn.Module) -> bool:
                                                         "output_multiplier", "lm_head_multiplier"))
 
 
-def _tile(head: torch.nn.Module, h: Tensor, t: Tensor, temperature: float, with_entropy: bool
-          ) -> tuple[Tensor, Tensor]:
-    """(n,) log p(t) and (n,) entropies (zeros unless asked; never differentiated) of one tile."""
+def _tile(head: torch.nn.Module, h: Tensor, t: Tensor, temperature: float, with_entropy: bool,
+          entropy_grad: bool = False) -> tuple[Tensor, Tensor]:
+    """(n,) log p(t) and (n,) entropies (zeros unless asked; differentiated only with
+    `entropy_grad`, for an entropy bonus in the loss) of one tile."""
     scaled = temperature not in (0.0, 1.0)
     if scaled and getattr(head, "bias", None) is None:  # logits / T = head(h / T): (n, H) divided, not (n, V)
         h, scaled = h / temperature, False
@@ -38,23 +39,25 @@ def _tile(head: torch.nn.Module, h: Tensor, t: Tensor, temperature: float, with_
     lp = logp.gather(-1, t[:, None]).squeeze(-1)  # (n,)
     if not with_entropy:
         return lp, torch.zeros_like(lp).detach()
-    with torch.no_grad():
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         ent = -(logp.exp() * logp).sum(-1)  # (n,)
     return lp, ent
 
 
 def head_logprobs(head: torch.nn.Module, hidden: Tensor, targets: Tensor, temperature: float = 1.0,
-                  with_entropy: bool = False, tile_elements: int = TILE_ELEMENTS) -> tuple[Tensor, Tensor]:
+                  with_entropy: bool = False, tile_elements: int = TILE_ELEMENTS,
+                  entropy_grad: bool = False) -> tuple[Tensor, Tensor]:
     """(N,) log-probabilities of `targets` (N,) from hidden states (N, H) through `head`, and (N,)
-    entropies (zeros unless `with_entropy`), in tiles recomputed in backward."""
+    entropies (zeros unless `with_entropy`; differentiable with `entropy_grad`), in tiles
+    recomputed in backward."""
     tile = max(1, tile_elements // head.weight.shape[0])
     if hidden.shape[0] <= tile:
-        return _tile(head, hidden, targets, temperature, with_entropy)
+        return _tile(head, hidden, targets, temperature, with_entropy, entropy_grad)
     from torch.utils.checkpoint import checkpoint
 
     lps, ents = [], []
     for i in range(0, hidden.shape[0], tile):
-        args = (head, hidden[i:i + tile], targets[i:i + tile], temperature, with_entropy)
+        args = (head, hidden[i:i + tile], targets[i:i + tile], temperature, with_entropy, entropy_grad)
         lp, ent = (checkpoint(_tile, *args, use_reentrant=False) if torch.is_grad_enabled() else _tile(*args))
         lps.append(lp)
         ents.append(ent)
@@ -62,9 +65,11 @@ def head_logprobs(head: torch.nn.Module, hidden: Tensor, targets: Tensor, temper
 
 
 def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_len: int,
-                   temperature: float = 1.0, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+                   temperature: float = 1.0, with_entropy: bool = False, entropy_grad: bool = False
+                   ) -> tuple[Tensor, Tensor | None]:
     """(B, T) log-probabilities of each token given the ones before it, at `temperature`, for the
-    completion columns (prompt columns are 0), and optionally the (B, T) entropies there.
+    completion columns (prompt columns are 0), and optionally the (B, T) entropies there
+    (differentiable with `entropy_grad`: an entropy bonus in the loss).
 
     Layout of `align.types.Experience`: prompts left-padded to `prompt_len` columns, so every
     completion starts there. Same definition as the rollout engines (`rollout/base.py`):
@@ -82,7 +87,7 @@ def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
                     use_cache=False, output_hidden_states=True, logits_to_keep=1)
         hidden = out.hidden_states[-1][:, prompt_len - 1:-1]  # (B, T - P, H): the state before each token
         lp, ent = head_logprobs(inner.get_output_embeddings(), hidden.reshape(-1, hidden.shape[-1]),
-                                targets.reshape(-1), temperature, with_entropy)
+                                targets.reshape(-1), temperature, with_entropy, entropy_grad=entropy_grad)
         lp, ent = lp.view(B, -1), ent.view(B, -1)  # (B, T - P)
     else:  # logits scaled or capped after the head: the whole (B, T - P, V) block
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -92,7 +97,8 @@ def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
             logits = logits / temperature
         logp = torch.log_softmax(logits, -1)  # (B, T - P, V)
         lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        ent = -(logp.exp() * logp).sum(-1).detach()
+        ent = -(logp.exp() * logp).sum(-1)
+        ent = ent if entropy_grad else ent.detach()
     full = torch.zeros((B, T), dtype=lp.dtype, device=lp.device)
     full[:, prompt_len:] = lp
     if not with_entropy:
@@ -103,14 +109,15 @@ def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
 
 
 def packed_token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_len: int,
-                          temperature: float = 1.0, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+                          temperature: float = 1.0, with_entropy: bool = False, entropy_grad: bool = False
+                          ) -> tuple[Tensor, Tensor | None]:
     """`token_logprobs` with no padding computed: the rows' real tokens run as one sequence whose
     position ids restart at each row, which transformers turns into varlen attention
     (flash_attention_2) or a block-diagonal mask (sdpa, eager). Same (B, T) layout and numbers.
     Models whose head is not plain (`fast_head`) and ZeRO-3 take the padded path."""
     inner = getattr(model, "module", model)
     if not fast_head(inner) or hasattr(inner.get_output_embeddings().weight, "ds_id"):
-        return token_logprobs(model, input_ids, attention_mask, prompt_len, temperature, with_entropy)
+        return token_logprobs(model, input_ids, attention_mask, prompt_len, temperature, with_entropy, entropy_grad)
     B, T = input_ids.shape
     real = attention_mask.bool()  # (B, T): each row's real tokens are one contiguous run
     lengths = real.sum(1)  # (B,)
@@ -124,7 +131,8 @@ def packed_token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_m
     out = model(input_ids=input_ids[real][None], position_ids=position_ids[None], use_cache=False,
                 output_hidden_states=True, logits_to_keep=1)
     hidden = out.hidden_states[-1][0, before]  # (M, H)
-    lp, ent = head_logprobs(inner.get_output_embeddings(), hidden, input_ids[rows, cols], temperature, with_entropy)
+    lp, ent = head_logprobs(inner.get_output_embeddings(), hidden, input_ids[rows, cols], temperature, with_entropy,
+                            entropy_grad=entropy_grad)
     full = torch.zeros((B, T), dtype=lp.dtype, device=lp.device).index_put((rows, cols), lp)
     if not with_entropy:
         return full, None
@@ -132,8 +140,8 @@ def packed_token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_m
 
 
 def shared_prompt_token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                                 prompt_len: int, temperature: float = 1.0, with_entropy: bool = False
-                                 ) -> tuple[Tensor, Tensor | None]:
+                                 prompt_len: int, temperature: float = 1.0, with_entropy: bool = False,
+                                 entropy_grad: bool = False) -> tuple[Tensor, Tensor | None]:
     """`token_logprobs` with each distinct prompt computed once: the rows' prompts (a GRPO group's
     samples share theirs) run without their last token as U unique rows whose KV cache is then
     copied to the B rows (gradients flow back through the copy and sum), and only the last prompt
@@ -144,11 +152,11 @@ def shared_prompt_token_logprobs(model: torch.nn.Module, input_ids: Tensor, atte
     P = prompt_len
     if (P < 2 or not fast_head(inner) or hasattr(inner.get_output_embeddings().weight, "ds_id")
             or getattr(inner, "is_gradient_checkpointing", False)):
-        return token_logprobs(model, input_ids, attention_mask, prompt_len, temperature, with_entropy)
+        return token_logprobs(model, input_ids, attention_mask, prompt_len, temperature, with_entropy, entropy_grad)
     prefix = torch.cat([input_ids[:, :P - 1] * attention_mask[:, :P - 1], attention_mask[:, :P - 1]], 1)
     uniq, rows = torch.unique(prefix, dim=0, return_inverse=True)  # (U, 2P - 2), (B,)
     if uniq.shape[0] == input_ids.shape[0]:
-        return token_logprobs(model, input_ids, attention_mask, prompt_len, temperature, with_entropy)
+        return token_logprobs(model, input_ids, attention_mask, prompt_len, temperature, with_entropy, entropy_grad)
     B, T = input_ids.shape
     first = torch.zeros(uniq.shape[0], dtype=torch.long, device=rows.device).scatter_(
         0, rows.flip(0), torch.arange(B - 1, -1, -1, device=rows.device))  # (U,) a row holding each prompt
@@ -163,7 +171,7 @@ def shared_prompt_token_logprobs(model: torch.nn.Module, input_ids: Tensor, atte
                 past_key_values=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
     hidden = out.hidden_states[-1][:, :-1]  # (B, T - P, H): the state before each completion token
     lp, ent = head_logprobs(inner.get_output_embeddings(), hidden.reshape(-1, hidden.shape[-1]),
-                            input_ids[:, P:].reshape(-1), temperature, with_entropy)
+                            input_ids[:, P:].reshape(-1), temperature, with_entropy, entropy_grad=entropy_grad)
     full = torch.zeros((B, T), dtype=lp.dtype, device=lp.device)
     full[:, P:] = lp.view(B, -1)
     if not with_entropy:
@@ -251,11 +259,12 @@ def micro_batches(exp: Experience, rows: int, tokens: int = 0, packed: bool = Fa
 
 
 def sequence_logprobs(model: torch.nn.Module, mb: Experience, temperature: float, packed: bool,
-                      with_entropy: bool = False, shared: bool = False) -> tuple[Tensor, Tensor | None]:
+                      with_entropy: bool = False, shared: bool = False, entropy_grad: bool = False
+                      ) -> tuple[Tensor, Tensor | None]:
     """`token_logprobs` of a micro-batch: packed (`packed_token_logprobs`), prompts computed once
-    (`shared_prompt_token_logprobs`) or padded."""
+    (`shared_prompt_token_logprobs`) or padded; entropies differentiable with `entropy_grad`."""
     fn = packed_token_logprobs if packed else shared_prompt_token_logprobs if shared else token_logprobs
-    return fn(model, mb.input_ids, mb.attention_mask, mb.prompt_len, temperature, with_entropy)
+    return fn(model, mb.input_ids, mb.attention_mask, mb.prompt_len, temperature, with_entropy, entropy_grad)
 
 
 def pad_to(x: Tensor, T: int) -> Tensor:

@@ -191,6 +191,33 @@ def test_grpo_loss_and_gradient_by_hand(mode):
     assert isinstance(metrics["pg_loss"], float)
 
 
+@pytest.mark.parametrize("name", ["grpo", "rloo", "reinforce_pp", "ppo"])
+def test_entropy_bonus_by_hand(name):
+    """loss = pg - c * agg(H): with zero advantages the policy term is 0, so the loss is exactly
+    -c * token-mean(H) and its gradient that of the entropy; the bonus makes idle rows train."""
+    algo = algorithms.get(name, entropy_coef=0.1, kl_coef=0.0, loss_agg="token-mean")
+    assert getattr(algo, "zero_advantage_trains", True)
+    logits = torch.tensor([[[0.5, -1.0, 2.0], [0.0, 0.0, 0.0]], [[1.0, 3.0, -2.0], [0.3, 0.1, -0.4]]],
+                          dtype=torch.float64, requires_grad=True)  # (B=2, T=2, V=3)
+    logp = torch.log_softmax(logits, -1)
+    ent = -(logp.exp() * logp).sum(-1)  # (2, 2)
+    lp = logp[..., 0]
+    mask = torch.tensor([[1, 1], [1, 0]])
+    fn = getattr(algo, "policy_loss", algo.loss)  # PPO's policy term (its `loss` adds the critic's)
+    zero = torch.zeros(2, 2, dtype=torch.float64)
+    loss, _ = fn(logprobs=lp, advantages=zero, action_mask=mask, entropy=ent)
+    hand = [-(sum(math.exp(v) / sum(math.exp(u) for u in row) * math.log(math.exp(v) / sum(math.exp(u) for u in row))
+                  for v in row)) for row in ([0.5, -1.0, 2.0], [0.0, 0.0, 0.0], [1.0, 3.0, -2.0])]
+    assert loss.item() == pytest.approx(-0.1 * sum(hand) / 3, abs=1e-12)
+    (g,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    (want,) = torch.autograd.grad(-0.1 * (ent * mask).sum() / 3, logits)
+    assert torch.allclose(g, want) and g[1, 1].abs().max() == 0  # the padded token has no gradient
+    with pytest.raises(ValueError, match="entropy_coef=0.1 needs the differentiable"):
+        fn(logprobs=lp, advantages=zero, action_mask=mask)
+    with pytest.raises(ValueError, match="entropy_coef"):
+        algorithms.get(name, entropy_coef=-1.0)
+
+
 def test_clip_fractions_by_hand():
     # A > 0 with rho = 1.5 > 1.28: high clip; A < 0 with rho = 0.5 < 0.8: low clip; two others not.
     log_rho = t([[math.log(1.5), math.log(0.5), math.log(1.1), math.log(0.5)]])

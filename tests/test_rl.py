@@ -256,6 +256,46 @@ def test_rows_with_zero_advantage_are_skipped_with_the_same_gradient(tmp_path, m
     assert learner.update(exp, algo)["idle_rows_skipped"] == pytest.approx(1 / 3)  # the update passes it on
 
 
+def test_entropy_gradient_through_head_tiles_equals_the_one_piece_head():
+    """The entropy bonus's gradient flows through the checkpointed head tiles as through one piece."""
+    from align.logprobs import head_logprobs
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11, bias=False)
+    hidden = torch.randn(7, 8, requires_grad=True)
+    targets = torch.randint(0, 11, (7,))
+    out = []
+    for tile in (10_000, 22):  # one piece; tiles of 2 rows, recomputed in backward
+        lp, ent = head_logprobs(head, hidden, targets, 0.7, with_entropy=True, tile_elements=tile, entropy_grad=True)
+        out.append((ent.detach(), *torch.autograd.grad((lp + 0.3 * ent).sum(), [hidden, head.weight])))
+    logp = torch.log_softmax(head(hidden).detach() / 0.7, -1)
+    assert torch.allclose(out[0][0], -(logp.exp() * logp).sum(-1), atol=1e-6)
+    for a, b in zip(*out):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_entropy_bonus_trains_idle_rows_and_raises_the_entropy(tmp_path):
+    """With entropy_coef > 0 rows whose advantages are all 0 are not skipped and still have a
+    gradient (the bonus's), and updates on such a batch raise the policy's entropy."""
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    learner = _learner_with_gradients(model_dir, micro_batch_size=64)
+    engine = RolloutWorker("hf", str(model_dir), num_threads=1)
+    samples, _, _ = engine.generate(["What is 2 + 3?", "Tom has 5 apples"], SamplingParams(n=3, max_new_tokens=6, seed=4))
+    for s in samples:
+        s.reward = 1.0  # every group all right: every advantage 0
+    exp = build_experience(samples, 0)
+    algo = algorithms.get("grpo", loss_agg="token-mean", entropy_coef=0.5)
+    exp.advantages = algo.advantages(**exp.tensors())
+    assert (exp.advantages == 0).all() and algo.zero_advantage_trains
+    learner.optimizer.zero_grad(set_to_none=True)
+    learner.backward(exp, algo.loss, MetricSums(), entropy_grad=True)
+    assert max(p.grad.abs().max() for p in learner.model.parameters() if p.requires_grad) > 0
+    learner.optimizer.zero_grad(set_to_none=True)
+    entropies = [learner.update(exp, algo) for _ in range(4)]
+    assert all("idle_rows_skipped" not in m for m in entropies)  # no row left out
+    assert entropies[-1]["entropy"] > entropies[0]["entropy"] + 1e-3, [m["entropy"] for m in entropies]
+
+
 def test_dead_rollout_worker_is_restarted_and_the_step_completes(tmp_path):
     """Kill the rollout actor between steps: Ray restarts it, the driver sees its weights version
     reset, re-syncs it and re-asks for the samples; the step completes with synced weights."""
@@ -284,11 +324,11 @@ def test_nonfinite_updates_are_skipped_counted_and_stop_the_run(tmp_path):
     learner = run.learner.workers[0]
     original = learner.backward
 
-    def poisoned(mini, loss_fn, sums, correction=None, skip_idle=False):  # a NaN loss, as an overflow would give
+    def poisoned(mini, loss_fn, sums, correction=None, skip_idle=False, entropy_grad=False):  # a NaN loss, as an overflow would give
         def nan_loss(**kw):
             loss, m = loss_fn(**kw)
             return loss * float("nan"), m
-        return original(mini, nan_loss, sums, correction, skip_idle)
+        return original(mini, nan_loss, sums, correction, skip_idle, entropy_grad)
 
     try:
         before = {n: p.detach().clone() for n, p in learner.model.named_parameters() if p.requires_grad}
