@@ -83,7 +83,7 @@ def group_minibatches(order: torch.Tensor, group_ids: torch.Tensor, n: int) -> l
 
 def live_rows(exp: Experience) -> Experience:
     """`exp` without its rows whose advantages are all 0 (a GRPO group whose rewards are equal):
-    under a loss with no KL term they carry no gradient, so an update can skip their forward and
+    under a loss with no KL or entropy term they carry no gradient, so an update can skip their forward and
     backward. One row stays when none is live, so that the optimizer still steps on zero gradients."""
     adv = exp.advantages.reshape(len(exp.advantages), -1)
     live = (adv != 0).any(1)
