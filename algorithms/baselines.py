@@ -89,7 +89,7 @@ class RLOO(_KLInReward):
     kl_coef: float = 0.05  # beta (TRL RLOO default)
     kl_mode: str = "reward"  # reward: r_i - beta * sum_t k1_t (TRL, OpenRLHF) | loss
     kl_estimator: str = "k1"  # estimator of the KL term
-    entropy_coef: float = 0.0  # weight of an entropy bonus in the loss (verl entropy_coeff, OpenRLHF entropy_loss_coef; 0 = off)
+    entropy_coef: float = 0.0  # entropy bonus weight in the loss (verl entropy_coeff, OpenRLHF entropy_loss_coef)
     normalize_advantages: bool = False  # whiten A over the batch afterwards (TRL option)
 
     def advantages(self, *, rewards: Tensor, group_ids: Tensor, action_mask: Tensor | None = None,
@@ -126,7 +126,7 @@ class ReinforcePP(_KLInReward):
     kl_coef: float = 0.01  # beta (OpenRLHF --algo.kl.init_coef); -baseline runs use KL as a loss, 1e-5
     kl_mode: str = "reward"  # reward (the paper) | loss (OpenRLHF's -baseline example, with k2)
     kl_estimator: str = "k1"  # k1 in the reward (the paper)
-    entropy_coef: float = 0.0  # weight of an entropy bonus in the loss (verl entropy_coeff, OpenRLHF entropy_loss_coef; 0 = off)
+    entropy_coef: float = 0.0  # entropy bonus weight in the loss (verl entropy_coeff, OpenRLHF entropy_loss_coef)
     gamma: float = 1.0  # discount of the reward-to-go
     baseline: bool = False  # subtract the group mean of the scores before whitening
 

@@ -73,7 +73,7 @@ class GRPO:
     clip_high: float = 0.2  # ratio upper clip: 1 + clip_high (DAPO's clip-higher raises it)
     kl_coef: float = 0.0  # beta of the KL loss; the paper used 0.04, TRL >= 0.19 defaults to 0
     kl_estimator: str = "k3"  # k1 | k2 | k3 (the paper's unbiased, non-negative k3)
-    entropy_coef: float = 0.0  # weight of an entropy bonus in the loss (verl entropy_coeff, OpenRLHF entropy_loss_coef; 0 = off)
+    entropy_coef: float = 0.0  # entropy bonus weight in the loss (verl entropy_coeff, OpenRLHF entropy_loss_coef)
     loss_agg: str = "seq-mean-token-mean"  # see core.aggregate; the paper's per-sequence mean
     loss_scale_factor: float | None = None  # C of seq-mean-token-sum-norm (Dr. GRPO: max new tokens)
     scale_rewards: str = "group"  # group | batch | none (Dr. GRPO: no std division)

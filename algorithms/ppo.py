@@ -54,7 +54,7 @@ class PPO:
     kl_coef: float = 0.05  # beta (TRL PPO 0.05; OpenRLHF 0.01; verl 0.001); the controller moves it
     kl_mode: str = "reward"  # reward: -beta*KL per token in the reward | loss: beta*KL as a loss term
     kl_estimator: str = "k1"  # k1 in the reward (InstructGPT, verl, OpenRLHF); k3 suits kl_mode="loss"
-    entropy_coef: float = 0.0  # weight of an entropy bonus in the loss (verl entropy_coeff, OpenRLHF entropy_loss_coef; 0 = off)
+    entropy_coef: float = 0.0  # entropy bonus weight in the loss (verl entropy_coeff, OpenRLHF entropy_loss_coef)
     adaptive_kl: bool = False  # Ziegler's proportional controller on beta (next_kl_coef)
     target_kl: float = 0.1  # controller target (verl default)
     kl_horizon: float = 10000.0  # controller horizon in samples (verl default)
