@@ -157,6 +157,7 @@ class RewardsConfig:
 
     functions: list[RewardFnConfig] = field(default_factory=lambda: [RewardFnConfig()])  # combined by weight
     accuracy: str | None = "math_accuracy"  # the component reported as accuracy (held-out too)
+    truncated_reward: float | None = None  # total reward of a reply cut at the token limit (None: scored like any other)
 
 
 @dataclass

@@ -162,7 +162,8 @@ def score_samples(runner: Any, samples: list[Sample], model_tokens: list[int] | 
     """Set each sample's reward and components with a `rewards.RewardRunner`; its metrics back."""
     columns: dict[str, list] = {k: [s.columns.get(k) for s in samples] for k in {k for s in samples for k in s.columns}}
     columns["completion_token_counts"] = model_tokens or [len(s.completion_ids) for s in samples]
-    res = runner([s.prompt for s in samples], [s.completion for s in samples], columns)
+    res = runner([s.prompt for s in samples], [s.completion for s in samples], columns,
+                 truncated=[s.truncated for s in samples])
     for i, s in enumerate(samples):
         s.reward = res.total[i]
         s.reward_components = {name: vals[i] for name, vals in res.components.items()}
@@ -174,7 +175,8 @@ def reward_runner(cfg: RewardsConfig) -> Any:
     import rewards
 
     return rewards.RewardRunner([rewards.RewardSpec(f.name.split(":")[-1], f.name, weight=f.weight, on_error=f.on_error,
-                                                    kwargs=f.kwargs, timeout=f.timeout) for f in cfg.functions])
+                                                    kwargs=f.kwargs, timeout=f.timeout) for f in cfg.functions],
+                                truncated_reward=cfg.truncated_reward)
 
 
 def sample_record(s: Sample) -> dict[str, Any]:

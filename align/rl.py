@@ -201,7 +201,7 @@ class RLRun:
         for group in (self.learner, self.critic):  # one process group each: the same averaged step
             if group is not None and (len(group) > 1 or t.zero_stage):
                 init_group(group)
-        self.rewards = rewards.RewardRunner(self._reward_specs())
+        self.rewards = rewards.RewardRunner(self._reward_specs(), truncated_reward=cfg.reward.truncated_reward)
         self.step_no = 0
 
     def _place(self, roles: dict[str, int], debug: bool) -> Any:

@@ -10,6 +10,10 @@ total of `w_format * 1.0`. With `missing="propagate"` any None component makes t
 Either way the total is None when every component is None, and None totals are left out of the
 group statistics downstream (DESIGN.md, Rewards).
 
+With `truncated_reward` set, a reply cut at the token limit (the caller passes `truncated`) gets
+that total whatever its components say: it has no final answer, and partial-credit rewards would
+otherwise pay it for whatever number it happened to reach before the cut.
+
 A reward function that raises is reported with its name and the failing row (index and the start
 of its prompt and completion). To find that row the runner calls the function again row by row,
 unless the exception says it concerns the whole batch (attribute `whole_batch = True`, as
@@ -102,7 +106,8 @@ class RewardRunner:
         >>> runner.close()
     """
 
-    def __init__(self, specs: Sequence[RewardSpec | Mapping[str, Any]], missing: str = "skip") -> None:
+    def __init__(self, specs: Sequence[RewardSpec | Mapping[str, Any]], missing: str = "skip",
+                 truncated_reward: float | None = None) -> None:
         self.specs = [s if isinstance(s, RewardSpec) else RewardSpec(**s) for s in specs]
         if not self.specs:
             raise ValueError("RewardRunner needs at least one reward")
@@ -112,11 +117,14 @@ class RewardRunner:
         if missing not in ("skip", "propagate"):
             raise ValueError(f"missing must be 'skip' or 'propagate', got {missing!r}")
         self.missing = missing  # how a None component enters the total (module docstring)
+        self.truncated_reward = truncated_reward  # the total of a reply cut at the token limit (None: scored)
         self._stuck: dict[str, list[Future]] = {s.name: [] for s in self.specs}  # abandoned calls
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str],
-                 columns: Mapping[str, Sequence[Any]] | None = None) -> RewardResult:
-        """Score one batch; `columns` maps a name to a list aligned with the completions."""
+                 columns: Mapping[str, Sequence[Any]] | None = None,
+                 truncated: Sequence[bool] | None = None) -> RewardResult:
+        """Score one batch; `columns` maps a name to a list aligned with the completions, `truncated`
+        marks the replies cut at the token limit (their total is `truncated_reward` where that is set)."""
         prompts, completions = list(prompts), list(completions)
         columns = {k: list(v) for k, v in (columns or {}).items()}
         n = len(completions)
@@ -142,6 +150,12 @@ class RewardRunner:
             components[spec.name] = scores
             metrics.update(spec_metrics)
         total = self._combine(components, n)
+        if self.truncated_reward is not None and truncated is not None:
+            if len(truncated) != n:
+                raise ValueError(f"{len(truncated)} truncated flags but {n} completions")
+            # The components stay as scored (accuracy is still reported); only the total is replaced.
+            total = [self.truncated_reward if cut else t for t, cut in zip(total, truncated)]
+            metrics["reward/total/truncated"] = float(sum(bool(c) for c in truncated))
         scored = [t for t in total if t is not None]
         metrics["reward/total/mean"] = sum(scored) / len(scored) if scored else float("nan")
         metrics["reward/total/none"] = float(n - len(scored))

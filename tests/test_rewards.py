@@ -326,6 +326,28 @@ def test_runner_weighted_total_and_components():
         assert only(["p"], ["?"]).total == [None]  # every component None -> None
 
 
+def test_truncated_replies_get_the_configured_total_and_keep_their_components():
+    from align.config import RewardFnConfig, RewardsConfig
+    from align.evaluate import reward_runner, score_samples
+    from align.types import Sample
+
+    cfg = RewardsConfig(functions=[RewardFnConfig(name="number_closeness", weight=0.5),
+                                   RewardFnConfig(name="format", weight=0.2, kwargs={"ends_with_number": True})],
+                        accuracy=None, truncated_reward=-0.25)
+    # gold 40: "39" is 1/20 of the half-gold tolerance off (closeness 0.95), "20" all of it (0); both end with a number
+    samples = [Sample("p", [1], text, [2], finish_reason=fin, columns={"answer": "40"})
+               for text, fin in [("it is 39", "stop"), ("so far 39", "length"), ("then 20", "length")]]
+    with reward_runner(cfg) as runner:
+        metrics = score_samples(runner, samples)
+    assert [s.reward for s in samples] == pytest.approx([0.5 * 0.95 + 0.2, -0.25, -0.25])
+    assert samples[1].reward_components == pytest.approx({"number_closeness": 0.95, "format": 1.0})
+    assert metrics["reward/total/truncated"] == 2.0
+    assert metrics["reward/total/mean"] == pytest.approx((0.5 * 0.95 + 0.2 - 0.5) / 3)
+    with reward_runner(RewardsConfig(functions=cfg.functions, accuracy=None)) as runner:  # default: scored
+        score_samples(runner, samples)
+    assert samples[1].reward == pytest.approx(0.5 * 0.95 + 0.2)
+
+
 def test_runner_with_math_and_counters(pool):
     math = MathAccuracy(timeout=0.5, pool=pool)
     specs = [RewardSpec("math", math, weight=1.0),

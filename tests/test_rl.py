@@ -433,6 +433,23 @@ def test_several_rollout_engines_share_a_batch_in_prompt_order(tmp_path):
         run.close()
 
 
+def test_truncated_replies_score_the_configured_reward_in_a_run(tmp_path):
+    """reward.truncated_reward reaches the run's scorer: replies cut at max_new_tokens get it as their
+    total, finished ones keep the functions' sum, and both keep their components."""
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    run = rl.RLRun(_cfg(tmp_path, model_dir, "train.debug=true", "reward.truncated_reward=-3.0"))
+    try:
+        samples, _ = run.generate(run.stream.take(2), run.sampling, group_offset=0)
+        samples[0].finish_reason, samples[1].finish_reason = "stop", "length"
+        metrics = run.score(samples)
+        assert samples[1].reward == -3.0 and samples[0].reward != -3.0
+        assert samples[0].reward == pytest.approx(sum(v for v in samples[0].reward_components.values()))
+        assert set(samples[1].reward_components) == {"math_accuracy", "digit_share"}
+        assert metrics["reward/total/truncated"] == sum(s.truncated for s in samples) >= 1
+    finally:
+        run.close()
+
+
 def test_dapo_finishes_when_nine_groups_in_ten_have_zero_variance(tmp_path):
     """Dynamic sampling refills with whole fresh batches and, at its round cap, trains on what it has."""
     model_dir = save_tiny_model(tmp_path / "tiny")
