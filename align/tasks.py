@@ -1,4 +1,4 @@
-"""Arithmetic word problems with answers, generated locally (no data hub), and a greedy accuracy check.
+"""Arithmetic word problems with answers, generated locally (no data hub), and greedy replies to them.
 
 The train and held-out sets come from disjoint seeds *and* disjoint (a, b, name, item) keys, so a
 held-out question is never trained on.
@@ -65,13 +65,13 @@ def last_number(text: str) -> str | None:
     return found[-1].replace(",", "").rstrip(".") if found else None
 
 
-def greedy_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 16, max_new_tokens: int = 48) -> float:
-    """Share of `rows` whose greedy completion's last number equals the `answer` column."""
+def greedy_replies(model, tokenizer, rows: list[dict], batch_size: int = 16, max_new_tokens: int = 48) -> list[str]:
+    """The greedy completion of each row's chat `prompt`, decoded (left-padded batches)."""
     import torch
 
     model.eval()
     tokenizer.padding_side = "left"
-    correct = 0
+    replies = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         texts = [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False) for r in chunk]
@@ -79,8 +79,6 @@ def greedy_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 16, ma
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
-        for r, ids in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
-            pred = last_number(tokenizer.decode(ids, skip_special_tokens=True))
-            correct += pred is not None and pred == r["answer"]
+        replies += [tokenizer.decode(ids, skip_special_tokens=True) for ids in out[:, enc["input_ids"].shape[1]:]]
     tokenizer.padding_side = "right"
-    return correct / max(len(rows), 1)
+    return replies

@@ -11,7 +11,7 @@ import torch
 
 from align.config import ModelConfig
 from align.models import load_causal_lm, load_tokenizer
-from align.tasks import last_number, train_and_heldout
+from align.tasks import greedy_replies, last_number, train_and_heldout
 
 SUFFIX = " Reply with only the final number."  # the main job's instruction (examples/grpo_arithmetic.yaml)
 # the preset's format-reward pattern (a whole line: some words, "a + b = c" or "a - b = c", some words)
@@ -26,23 +26,15 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     mc = ModelConfig(name="smollm2-135m-instruct")
     tok = load_tokenizer(mc)
-    tok.padding_side = "left"
     model = load_causal_lm(mc, device="cpu").eval()
     for seed in a.seeds:
         _, held = train_and_heldout(200, 100, seed=seed, suffix=SUFFIX)  # the main job's held-out set
         whole = first = fmt = 0
-        for i in range(0, len(held), 50):
-            rows = held[i:i + 50]
-            enc = tok([tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False) for r in rows],
-                      return_tensors="pt", padding=True, add_special_tokens=False)
-            with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=64, do_sample=False, pad_token_id=tok.pad_token_id)
-            for r, ids in zip(rows, out[:, enc["input_ids"].shape[1]:]):
-                text = tok.decode(ids, skip_special_tokens=True)
-                line = text.split("\n")[0]
-                whole += last_number(text) == r["answer"]
-                first += last_number(line) == r["answer"]
-                fmt += bool(FORMAT.fullmatch(line))
+        for r, text in zip(held, greedy_replies(model, tok, held, batch_size=50, max_new_tokens=64)):
+            line = text.split("\n")[0]
+            whole += last_number(text) == r["answer"]
+            first += last_number(line) == r["answer"]
+            fmt += bool(FORMAT.fullmatch(line))
         n = len(held)
         print(f"seed {seed}: first line in the format {fmt / n:.0%}; accuracy whole reply {whole / n:.0%}, "
               f"first line {first / n:.0%} ({n} held-out problems, greedy, 64 new tokens)")
