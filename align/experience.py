@@ -34,15 +34,9 @@ def build_experience(samples: Sequence[Sample], pad_id: int) -> Experience:
         engine = torch.zeros((B, P + C))
         for i, s in enumerate(samples):
             engine[i, P:P + len(s.logprobs)] = torch.tensor(s.logprobs, dtype=torch.float)
-    ref = None
-    if all(s.ref_logprobs is not None for s in samples):  # computed by the engine worker (rollout.reference)
-        ref = torch.zeros((B, P + C))
-        for i, s in enumerate(samples):
-            ref[i, P:P + len(s.ref_logprobs)] = torch.tensor(s.ref_logprobs, dtype=torch.float)
     rewards = torch.tensor([0.0 if s.reward is None else float(s.reward) for s in samples])
     return Experience(
         input_ids=ids, attention_mask=attn, action_mask=act, rewards=rewards,
         group_ids=torch.tensor([s.group_id for s in samples], dtype=torch.long),
         scored=torch.tensor([s.reward is not None for s in samples]),
-        truncated=torch.tensor([s.truncated for s in samples]), engine_logprobs=engine, ref_logprobs=ref,
-        prompt_len=P)
+        truncated=torch.tensor([s.truncated for s in samples]), engine_logprobs=engine, prompt_len=P)

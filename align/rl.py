@@ -184,7 +184,6 @@ class RLRun:
                                   micro_batch_tokens=cfg.algorithm.micro_batch_tokens, packing=cfg.algorithm.packing,
                                   share_prompt=cfg.algorithm.share_prompt, loan_path=loan_path,
                                   model=model, placement=self._slots("learner"), **common)
-        self.engine_reference = engine_reference(cfg, path, self.tokenizer, needs.ref_logprobs, self.episodes is not None)
         self.reference = None
         if roles["reference"]:
             self.reference = ActorGroup(ReferenceWorker, 1, cfg.model, num_threads=t.num_threads, model=model,
@@ -253,29 +252,26 @@ class RLRun:
 
     # -------------------------------------------------------------------- generate + score
     def generate(self, rows: list[dict], sampling: Any, group_offset: int) -> tuple[list[Sample], float]:
-        """Samples for `rows`, spread over the engines (no reference log-probs: evals); returns them
-        and the slowest engine's seconds."""
-        return self._collect(self._launch(rows, sampling, group_offset, train=False))
+        """Samples for `rows`, spread over the engines; returns them and the slowest engine's seconds."""
+        return self._collect(self._launch(rows, sampling, group_offset))
 
-    def _launch(self, rows: list[dict], sampling: Any, group_offset: int, train: bool = True) -> dict[str, Any]:
+    def _launch(self, rows: list[dict], sampling: Any, group_offset: int) -> dict[str, Any]:
         """Ask the engines for samples of `rows` without waiting (rows i, i+n, ... to engine i, each
         engine its own noise); `_collect` gets them. The handle remembers the weights version asked.
-        Multi-turn episodes run turn by turn inside `_collect`. Training samples get their reference
-        log-probs from the engines where `rollout.reference=engine`."""
+        Multi-turn episodes run turn by turn inside `_collect`."""
         if self.episodes is not None:
             return {"episode_rows": rows, "sampling": sampling, "offset": group_offset, "version": self.version}
-        return self._engine_launch(rows, sampling, group_offset, self.engine_reference if train else None)
+        return self._engine_launch(rows, sampling, group_offset)
 
-    def _engine_launch(self, rows: list[dict], sampling: Any, group_offset: int,
-                       reference: dict | None = None) -> dict[str, Any]:
+    def _engine_launch(self, rows: list[dict], sampling: Any, group_offset: int) -> dict[str, Any]:
         """`_launch` for one-turn rows (and each turn of a multi-turn batch)."""
         n = len(self.engines)
         parts = [rows[i::n] for i in range(n)]
         per_engine = [dataclasses.replace(sampling, seed=sampling.seed + 7919 * i)
                       if sampling.seed is not None and n > 1 else sampling for i in range(n)]
         # engine i's generate arguments, kept so that a restarted worker can be asked again
-        calls = {i: ([p["text"] for p in part], per_engine[i], 0, [p["columns"] for p in part], [p["ids"] for p in part],
-                     reference) for i, part in enumerate(parts) if part}
+        calls = {i: ([p["text"] for p in part], per_engine[i], 0, [p["columns"] for p in part], [p["ids"] for p in part])
+                 for i, part in enumerate(parts) if part}
         refs = [self.engines.call(i, "generate", *args) for i, args in calls.items()]
         return {"refs": refs, "calls": calls, "rows": len(rows), "n": sampling.n, "offset": group_offset,
                 "version": self.version}
@@ -385,8 +381,7 @@ class RLRun:
         if self.loan is not None:  # the engines are idle unless they already generate the next step
             self.loan.learner_works(engines_idle=self.prefetched is None)
         old = (needs.old_logprobs or off_policy) and not from_engine
-        ref = needs.ref_logprobs and self.reference is None and exp.ref_logprobs is None  # else the engines made them
-        parts = actors.get([self.learner.call(i, "logprobs", sh, old=old, ref=ref)
+        parts = actors.get([self.learner.call(i, "logprobs", sh, old=old, ref=needs.ref_logprobs and self.reference is None)
                             for i, sh in enumerate(shards)])
         lp = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         if needs.ref_logprobs and self.reference is not None:
@@ -601,29 +596,6 @@ def merged_lora_sync(r, model: Any, on_gpu: bool) -> bool:
     from rollout import resolve_backend
 
     return resolve_backend(r.backend, model) == "vllm" and not on_gpu
-
-
-def engine_reference(cfg: RLConfig, model: Any, tokenizer: Any, kl: bool, episodes: bool) -> dict[str, Any] | None:
-    """`RolloutWorker.reference_logprobs`' settings where `rollout.reference=engine` (the learner's
-    own: temperature, micro-batches, autocast), else None; a clear error where it cannot apply."""
-    r, a = cfg.rollout, cfg.algorithm
-    if r.reference == "learner":
-        return None
-    from rollout import resolve_backend
-
-    why = []
-    if not kl:
-        why.append(f"algorithm {a.name} has no KL term to the reference (algorithm.params.kl_coef is 0)")
-    if resolve_backend(r.backend, model) != "llamacpp":
-        why.append(f"rollout.backend={r.backend} is not the llama.cpp engine (the one that keeps the base weights)")
-    if cfg.peft.method != "lora":
-        why.append(f"peft.method={cfg.peft.method}: the engine's weights are the reference only under plain LoRA")
-    if episodes:
-        why.append("multi-turn episodes (env.name) are scored turn by turn")
-    if why:
-        raise ValueError("rollout.reference=engine cannot apply: " + "; ".join(why) + ". Use rollout.reference=learner")
-    return {"pad_id": tokenizer.pad_token_id, "temperature": r.temperature, "micro": a.micro_batch_size,
-            "tokens": 0 if a.packing else a.micro_batch_tokens, "shared": a.share_prompt, "amp": cfg.train.autocast}
 
 
 def _shard(exp, n: int) -> list:

@@ -34,11 +34,6 @@ class RolloutConfig:
     # rollout-correction weights); "sync": generate, then train. "auto" = one-step-off where engines
     # have GPUs of their own (resources.colocate=false), else sync
     pipeline: Literal["auto", "sync", "one-step-off"] = "auto"
-    # Where a KL term's reference log-probs are computed: "learner" (the policy with its adapter off,
-    # before each update) or "engine": the llama.cpp engine worker, from the base weights it keeps in
-    # torch beside its model file, right after generating (LoRA policies, one-turn rollouts); with
-    # one-step-off generation that takes the pass off the learner's critical path
-    reference: Literal["learner", "engine"] = "learner"
 
 
 @dataclass

@@ -23,7 +23,6 @@ class Sample:
     completion: str  # decoded completion text
     completion_ids: list[int]  # (C,) completion token ids, EOS included when generated
     logprobs: list[float] | None = None  # (C,) engine logprobs of the completion tokens
-    ref_logprobs: list[float] | None = None  # (C,) reference-model logprobs, where the engine worker computed them
     finish_reason: str = "stop"  # "stop" (EOS / stop string) or "length" (hit max_new_tokens)
     group_id: int = 0  # samples of the same prompt share a group id
     columns: dict[str, Any] = field(default_factory=dict)  # the dataset row's other fields (gold answer)

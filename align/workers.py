@@ -15,7 +15,6 @@ import torch
 from align.config import ModelConfig
 from align.cores import ThreadBudget
 from align.device import autocast, engine_dtype, to_host, worker_device
-from align.experience import build_experience
 from align.logprobs import logprobs_in_chunks
 from align.models import load_causal_lm, set_threads
 from align.placement import Placed
@@ -52,35 +51,17 @@ class RolloutWorker(Placed):
         self.version = 0  # weights version last loaded; 0 = the initial checkpoint (also after a restart)
 
     def generate(self, prompts: list[str], sampling: Any, group_offset: int = 0,
-                 columns: list[dict] | None = None, prompt_ids: list[list[int]] | None = None,
-                 reference: dict[str, Any] | None = None) -> tuple[list[Sample], float, int]:
+                 columns: list[dict] | None = None,
+                 prompt_ids: list[list[int]] | None = None) -> tuple[list[Sample], float, int]:
         """Samples for `prompts` (given as token ids too where the caller tokenised them), the
         seconds generation took, and the weights version that made them (a restarted worker
-        reports 0, so the driver re-syncs it and asks again). With `reference` (`reference_logprobs`'
-        settings) each sample also gets its reference log-probs (`Sample.ref_logprobs`)."""
+        reports 0, so the driver re-syncs it and asks again)."""
         t0 = time.perf_counter()
         self.threads.refresh()
         out = self.engine.generate(prompts, sampling, group_offset=group_offset, columns=columns,
                                    prompt_ids=prompt_ids)
-        if reference is not None:
-            self.reference_logprobs(out, **reference)
         self.threads.reset()
         return out, time.perf_counter() - t0, self.version
-
-    def reference_logprobs(self, samples: list[Sample], pad_id: int, temperature: float, micro: int,
-                           tokens: int = 0, shared: bool = True, amp: str = "none") -> None:
-        """Set each sample's `ref_logprobs` from the base weights that the llama.cpp engine keeps in
-        torch (it merges adapters into its model file only), computed as the learner would with its
-        adapter off: same temperature, micro-batches (prompts once per group) and autocast."""
-        base = getattr(self.engine, "model", None)
-        if getattr(self.engine, "lora_mode", None) is None or base is None:
-            raise RuntimeError(f"rollout.reference=engine needs the llama.cpp engine (this worker runs {self.backend})")
-        exp = build_experience(samples, pad_id)
-        with autocast(self.device, amp):
-            lp = logprobs_in_chunks(base, exp, micro, temperature, tokens, shared=shared)
-        P = exp.prompt_len
-        for i, s in enumerate(samples):
-            s.ref_logprobs = lp[i, P:P + len(s.completion_ids)].tolist()
 
     def _set_threads(self, n: int) -> None:
         """Resize this worker's thread pools: torch's (HF generate, sampling) and the engine's own."""

@@ -20,8 +20,7 @@ from align.tiny import save_tiny_model, tiny_model  # noqa: E402
 from align.workers import RolloutWorker  # noqa: E402
 from rollout import SamplingParams, make_engine, resolve_backend  # noqa: E402
 from rollout.llamacpp import LlamaCppEngine  # noqa: E402
-from align import rl  # noqa: E402
-from test_rl import _cfg, _learner_after_one_update  # noqa: E402
+from test_rl import _learner_after_one_update  # noqa: E402
 from test_rollout import (PROMPTS, check_groups_and_finish, check_stop_strings, eos_prone,  # noqa: E402
                           max_logprob_error, peft_lora, perturbed_state_dict)
 
@@ -166,57 +165,6 @@ def test_engine_equals_learner_after_sync(tmp_path):
         base, _ = token_logprobs(learner.model, exp.input_ids, exp.attention_mask, exp.prompt_len)
     assert (base - lp)[exp.action_mask.bool()].abs().max() > 10 * SYNC_TOL
     worker.engine.close()
-
-
-def test_engine_reference_logprobs_equal_the_learners_with_its_adapter_off(tmp_path):
-    """rollout.reference=engine: after a real update and sync the engine serves the adapted policy,
-    yet the reference log-probs it attaches to its samples are the learner's with the adapter off
-    (its temperature, prompt-shared micro-batches) and build the Experience's ref_logprobs."""
-    model_dir = save_tiny_model(tmp_path / "tiny")
-    learner = _learner_after_one_update(model_dir)
-    worker = RolloutWorker("llamacpp", str(model_dir), num_threads=1)
-    worker.update(learner.sync_payload())
-    ref = {"pad_id": 0, "temperature": 1.0, "micro": 3, "tokens": 64, "shared": True, "amp": "none"}  # the learner's
-    samples, _, _ = worker.generate(["What is 12 + 7?", "The quick brown fox"],
-                                    SamplingParams(n=3, temperature=1.0, max_new_tokens=8, seed=1), reference=ref)
-    exp = build_experience(samples, 0)
-    mask = exp.action_mask.bool()
-    want = learner.logprobs(exp, old=False, ref=True)["ref_logprobs"]
-    assert exp.ref_logprobs is not None and torch.allclose(exp.ref_logprobs[mask], want[mask], atol=1e-5), \
-        (exp.ref_logprobs - want)[mask].abs().max()
-    engine_lp = torch.cat([torch.tensor(s.logprobs) for s in samples])  # the adapted policy's
-    assert (engine_lp - exp.ref_logprobs[mask]).abs().max() > 10 * SYNC_TOL
-    # evals and other engines: no reference asked, none attached
-    plain, _, _ = worker.generate(["What is 12 + 7?"], SamplingParams(n=1, max_new_tokens=4, seed=1))
-    assert plain[0].ref_logprobs is None and build_experience(plain, 0).ref_logprobs is None
-    worker.engine.close()
-    hf = RolloutWorker("hf", str(model_dir), num_threads=1)
-    with pytest.raises(RuntimeError, match="needs the llama.cpp engine"):
-        hf.generate(["What is 12 + 7?"], SamplingParams(n=1, max_new_tokens=2, seed=1), reference=ref)
-
-
-def test_a_run_with_the_engines_reference_equals_one_with_the_learners(tmp_path, monkeypatch):
-    """The same 2-step KL run (synchronous, in process) with the reference from the learner and
-    from the engine worker: equal KL, loss and rewards at every step, and with the engine's the
-    learner is never asked for one; a misconfiguration is named."""
-    from align.learners import PolicyLearner
-
-    asked, logprobs = [], PolicyLearner.logprobs
-    monkeypatch.setattr(PolicyLearner, "logprobs", lambda self, exp, old, ref: asked.append(ref) or logprobs(self, exp, old, ref))
-    model_dir = save_tiny_model(tmp_path / "tiny")
-    hist = {}
-    for where in ("learner", "engine"):
-        cfg = _cfg(tmp_path / where, model_dir, "train.max_steps=2", "train.debug=true", "rollout.backend=llamacpp",
-                   "rollout.pipeline=sync", "data.eval_size=0", f"rollout.reference={where}")
-        hist[where] = rl.run(cfg)["history"]
-        assert asked == ([True, True] if where == "learner" else [False, False]), asked
-        asked.clear()
-    for a, b in zip(hist["learner"], hist["engine"]):
-        assert a["reward"] == b["reward"]
-        assert a["kl"] == pytest.approx(b["kl"], abs=1e-6) and a["loss"] == pytest.approx(b["loss"], abs=1e-6)
-    assert hist["engine"][-1]["kl"] > 0
-    with pytest.raises(ValueError, match="rollout.reference=engine cannot apply: .*rollout.backend=hf"):
-        rl.run(_cfg(tmp_path / "hf", model_dir, "train.debug=true", "rollout.backend=hf", "rollout.reference=engine"))
 
 
 def test_backend_choice(tmp_path):
