@@ -20,6 +20,7 @@ std 1, so A = r (verl's rule, which DAPO's "keep groups of size 1" relies on).
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ class GRPO:
     clip_low: float = 0.2  # ratio lower clip: 1 - clip_low
     clip_high: float = 0.2  # ratio upper clip: 1 + clip_high (DAPO's clip-higher raises it)
     kl_coef: float = 0.0  # beta of the KL loss; the paper used 0.04, TRL >= 0.19 defaults to 0
+    kl_steps: int = 0  # > 0: the KL term (and its reference pass) only on the first kl_steps training steps
     kl_estimator: str = "k3"  # k1 | k2 | k3 (the paper's unbiased, non-negative k3)
     entropy_coef: float = 0.0  # entropy bonus weight in the loss (verl entropy_coeff, OpenRLHF entropy_loss_coef)
     loss_agg: str = "seq-mean-token-mean"  # see core.aggregate; the paper's per-sequence mean
@@ -96,6 +98,8 @@ class GRPO:
             raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {self.clip_low}, {self.clip_high}")
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ValueError(f"dual_clip must be None or > 1, got {self.dual_clip}")
+        if self.kl_steps < 0:
+            raise ValueError(f"kl_steps must be >= 0 (0 = the KL term on every step), got {self.kl_steps}")
         if self.kl_coef < 0 or self.std_eps < 0 or self.entropy_coef < 0:
             raise ValueError(f"kl_coef, std_eps and entropy_coef must be >= 0, got {self.kl_coef}, {self.std_eps}, "
                              f"{self.entropy_coef}")
@@ -115,6 +119,14 @@ class GRPO:
         """Whether a row whose advantages are all 0 still has a gradient (a KL or entropy term in
         the loss); where not, the learner skips such rows (`align.learners.live_rows`)."""
         return self.kl_coef > 0 or self.entropy_coef > 0
+
+    def for_step(self, step: int) -> "GRPO":
+        """The algorithm for training step `step` (0-based): itself, or without its KL term once
+        `kl_steps` steps have passed, so that later steps compute no reference log-probs and skip
+        idle rows again. A pure function of the step, so a resumed run gets the same."""
+        if self.kl_steps and step >= self.kl_steps and self.kl_coef:
+            return dataclasses.replace(self, kl_coef=0.0)
+        return self
 
     def select(self, groups: list[list[Sample]], batch_groups: int | None = None, round: int = 1,
                rng: random.Random | None = None) -> Selection:

@@ -342,6 +342,8 @@ class RLRun:
         t0, times, m = time.perf_counter(), {"generate": 0.0, "reward": 0.0}, {}
         self.env_seconds = 0.0
         cfg, groups, round_, sel = self.cfg, [], 1, None
+        if hasattr(self.algo, "for_step"):  # a schedule over steps, e.g. GRPO's kl_steps
+            self.algo = self.algo.for_step(self.step_no)
         need, generated = cfg.rollout.prompts_per_step, []
         rng = random.Random(cfg.train.seed * 1_000_003 + self.step_no)  # DUPO's draws: the same after a resume
         while need > 0:

@@ -296,6 +296,29 @@ def test_entropy_bonus_trains_idle_rows_and_raises_the_entropy(tmp_path):
     assert entropies[-1]["entropy"] > entropies[0]["entropy"] + 1e-3, [m["entropy"] for m in entropies]
 
 
+def test_kl_steps_stops_the_kl_term_and_its_reference_pass_after_that_many_steps(tmp_path, monkeypatch):
+    """algorithm.params.kl_steps=2 in a 4-step run: steps 1-2 ask the learner for reference
+    log-probs and measure a KL, steps 3-4 ask for none and skip idle rows again (no KL term)."""
+    algo = algorithms.get("grpo", kl_coef=0.05, kl_steps=2)
+    assert algo.for_step(1) is algo and algo.for_step(2).kl_coef == 0 and algo.for_step(5).kl_coef == 0
+    assert algo.needs.ref_logprobs and not algo.for_step(2).needs.ref_logprobs
+    assert algo.zero_advantage_trains and not algo.for_step(3).zero_advantage_trains
+    with pytest.raises(ValueError, match="kl_steps"):
+        algorithms.get("grpo", kl_steps=-1)
+    asked = []
+    logprobs = PolicyLearner.logprobs
+    monkeypatch.setattr(PolicyLearner, "logprobs", lambda self, exp, old, ref: asked.append(ref) or
+                        logprobs(self, exp, old=old, ref=ref))
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    rl.run(_cfg(tmp_path, model_dir, "train.debug=true", "train.max_steps=4", "data.eval_size=0",
+                "algorithm.params={kl_coef: 0.05, kl_steps: 2}"))
+    steps = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "time/step" in r]
+    assert asked == [True, True, False, False]
+    assert [("kl" in r) for r in steps] == [True, True, False, False]
+    assert steps[1]["kl"] > 0
+
+
 def test_dead_rollout_worker_is_restarted_and_the_step_completes(tmp_path):
     """Kill the rollout actor between steps: Ray restarts it, the driver sees its weights version
     reset, re-syncs it and re-asks for the samples; the step completes with synced weights."""
