@@ -45,6 +45,10 @@ class PeftConfig:
     method: Literal["full", "freeze", "bitfit", "lora", "qlora", "dora", "adalora", "ia3",
                     "prefix", "prompt", "ptuning"] = "lora"  # what to train
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # LoRA-family targets
+    # LoRA / DoRA / QLoRA / AdaLoRA: adapters on the last N decoder layers only (negative: the
+    # first N; 0 = every layer). Below the lowest adapted layer nothing needs a gradient, so the
+    # backward pass stops there (peft's layers_to_transform)
+    adapter_layers: int = 0
     r: int = 16  # LoRA / DoRA / QLoRA rank (AdaLoRA: initial rank)
     alpha: float = 32.0  # LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)
     dropout: float = 0.0  # dropout on the LoRA input

@@ -64,13 +64,19 @@ def _peft_config(cfg: PeftConfig, model: nn.Module, total_steps: int | None, tok
 
     common = dict(task_type=task_type)
     m = cfg.method
-    if task_type != "CAUSAL_LM" and cfg.target_modules == ["all-linear"]:
+    if (task_type != "CAUSAL_LM" or cfg.adapter_layers) and cfg.target_modules == ["all-linear"]:
         # peft's "all-linear" keeps the causal LM head out, not a classifier's: name the body's
         # linear layers so the new head trains in full (modules_to_save) and carries no adapter
+        # (and peft takes no layer choice with the "all-linear" string)
         heads = {"score", "classifier", "lm_head"}
         cfg = copy.copy(cfg)
         cfg.target_modules = sorted({n.split(".")[-1] for n, mod in model.named_modules()
                                      if isinstance(mod, nn.Linear) and n.split(".")[-1] not in heads})
+    if cfg.adapter_layers:
+        if m not in ("lora", "qlora", "dora", "adalora"):  # peft has no layer choice for the others
+            raise ConfigError(f"peft.adapter_layers applies to lora, qlora, dora and adalora, not peft.method={m} "
+                              "(freeze-tuning: peft.freeze_trainable_layers)")
+        common.update(_adapter_layers(model, cfg.adapter_layers))
     if m in ("lora", "qlora", "dora"):
         return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                target_modules=_targets(cfg), use_rslora=cfg.rslora,
@@ -103,6 +109,15 @@ def _peft_config(cfg: PeftConfig, model: nn.Module, total_steps: int | None, tok
         return peft.PromptEncoderConfig(num_virtual_tokens=cfg.num_virtual_tokens,
                                         encoder_hidden_size=model.config.hidden_size, **common)
     raise AssertionError(m)
+
+
+def _adapter_layers(model: nn.Module, n: int) -> dict:
+    """peft's layers_to_transform / layers_pattern for the last n decoder layers (negative: first -n)."""
+    prefix, layers = _decoder_layers(model)
+    if abs(n) > len(layers):
+        raise ConfigError(f"peft.adapter_layers={n}, but the model has {len(layers)} decoder layers")
+    chosen = range(len(layers) - n, len(layers)) if n > 0 else range(0, -n)
+    return dict(layers_to_transform=list(chosen), layers_pattern=prefix.split(".")[-1])
 
 
 def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -169,3 +169,27 @@ def test_fix_bnb_counts_nothing_on_float_models():
 def test_peft_config_is_part_of_the_typed_config():
     cfg = from_dict(SFTConfig, {"peft": {"method": "dora", "r": 8}})
     assert cfg.peft.method == "dora" and cfg.peft.r == 8
+
+
+@pytest.mark.parametrize("method,n,layer", [("lora", 1, 1), ("dora", -1, 0), ("adalora", 1, 1)])
+def test_adapter_layers_puts_adapters_on_those_layers_only_and_stops_the_backward_below(method, n, layer):
+    """peft.adapter_layers=1 adapts the last decoder layer only (-1: the first); the adapters train,
+    and with the last layer alone the first layer's output needs no gradient (the backward stops)."""
+    model, tok = _build(method, adapter_layers=n)
+    grad_names = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert grad_names and all(f"layers.{layer}." in name and "lora_" in name for name in grad_names)
+    seen = []
+    layers = model.base_model.model.model.layers
+    hook = layers[0].register_forward_hook(lambda m, i, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    _train(model, tok, steps=2)
+    hook.remove()
+    assert seen[0].requires_grad == (layer == 0)
+    assert all(not torch.equal(p.detach(), before[name]) for name, p in model.named_parameters() if p.requires_grad)
+
+
+def test_adapter_layers_errors_name_the_field():
+    with pytest.raises(Exception, match="peft.adapter_layers"):
+        _build("ia3", adapter_layers=1)
+    with pytest.raises(Exception, match="peft.adapter_layers=5"):
+        _build("lora", adapter_layers=5)
