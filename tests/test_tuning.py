@@ -3,7 +3,7 @@ adapters save and reload, merged exports reproduce the adapter model's logits.""
 import pytest
 import torch
 
-from align.config import PeftConfig, SFTConfig, from_dict
+from align.config import ConfigError, PeftConfig, SFTConfig, from_dict
 from align.tiny import tiny_model
 from align.tuning import apply_tuning, count_parameters, export_merged, fix_bnb_cpu_backward, merged_model
 
@@ -189,7 +189,7 @@ def test_adapter_layers_puts_adapters_on_those_layers_only_and_stops_the_backwar
 
 
 def test_adapter_layers_errors_name_the_field():
-    with pytest.raises(Exception, match="peft.adapter_layers"):
+    with pytest.raises(ConfigError, match="peft.adapter_layers"):
         _build("ia3", adapter_layers=1)
-    with pytest.raises(Exception, match="peft.adapter_layers=5"):
+    with pytest.raises(ConfigError, match="peft.adapter_layers=5"):
         _build("lora", adapter_layers=5)
