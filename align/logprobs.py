@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from align import fused_head
 from align.types import Experience
 
 TILE_ELEMENTS = 64 * 2**20  # logits per tile (N x V): 256 MB in float32
@@ -48,8 +49,12 @@ def head_logprobs(head: torch.nn.Module, hidden: Tensor, targets: Tensor, temper
                   with_entropy: bool = False, tile_elements: int = TILE_ELEMENTS,
                   entropy_grad: bool = False) -> tuple[Tensor, Tensor]:
     """(N,) log-probabilities of `targets` (N,) from hidden states (N, H) through `head`, and (N,)
-    entropies (zeros unless `with_entropy`; differentiable with `entropy_grad`), in tiles
-    recomputed in backward."""
+    entropies (zeros unless `with_entropy`; differentiable with `entropy_grad`): through
+    `align.fused_head` when the head is frozen, else in tiles recomputed in backward."""
+    if fused_head.usable(head):  # a frozen head: chunked, its gradient taken in the forward
+        if temperature not in (0.0, 1.0):
+            hidden = hidden / temperature
+        return fused_head.head_logprobs_fused(head, hidden, targets, with_entropy, entropy_grad)
     tile = max(1, tile_elements // head.weight.shape[0])
     if hidden.shape[0] <= tile:
         return _tile(head, hidden, targets, temperature, with_entropy, entropy_grad)
