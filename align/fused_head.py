@@ -20,7 +20,8 @@ CHUNK_ELEMENTS = 2**23  # logits per chunk: 32 MB in float32 (170 rows of a 49k 
 def usable(head: torch.nn.Module) -> bool:
     """Whether `head` is a frozen, bias-free linear layer (LoRA, QLoRA, IA3, freeze runs): the
     case where the gradient with respect to the hidden states is all that is needed."""
-    return getattr(head, "bias", None) is None and not head.weight.requires_grad and head.weight.dim() == 2
+    w = head.weight  # a quantised head (bitsandbytes packs integers) takes the plain path
+    return getattr(head, "bias", None) is None and not w.requires_grad and w.dim() == 2 and w.is_floating_point()
 
 
 def _weight(head: torch.nn.Module, dtype: torch.dtype) -> Tensor:

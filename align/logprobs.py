@@ -2,8 +2,9 @@
 
 A (B, T, V) logits block is the largest tensor of a learner's step (16 x 256 tokens x a 49k
 vocabulary is 800 MB in float32, 600 MB more with Qwen's 150k). Here the LM head runs on the
-hidden states of the wanted positions only, in tiles of at most `TILE_ELEMENTS` logits; with
-gradients on, each tile is recomputed in backward instead of kept, so memory stays one tile.
+hidden states of the wanted positions only: a frozen head through `align.fused_head` (chunks, the
+gradient taken in the forward), a trainable one in tiles of at most `TILE_ELEMENTS` logits, each
+recomputed in backward instead of kept, so memory stays one tile.
 The numbers are those of `log_softmax(logits / T)` taken whole (tested).
 """
 from __future__ import annotations

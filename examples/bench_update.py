@@ -1,12 +1,14 @@
-"""Benchmark: one GRPO update of the main job's shape, prompts computed per row vs once per group.
+"""Benchmark: one GRPO update of the main job's shape, two ways of computing it side by side.
 
-    .venv/bin/python examples/bench_update.py [--reps 3] [--threads 2]
+    .venv/bin/python examples/bench_update.py [--reps 3] [--threads 2]    # prompts per row vs once per group
+    .venv/bin/python examples/bench_update.py --compare head --threads 1 --autocast auto --attn eager
+        # the frozen LM head whole-tiled vs chunked with its gradient in the forward (align/fused_head.py)
 
 SmolLM2-135M-Instruct + LoRA r=16 on all linear layers, fp32, 8 prompt groups x 4 samples: the main
 job's chat-templated prompts (about 60 tokens), completions of 35-65 random tokens, micro-batches of
 at most 1600 tokens (the preset's `algorithm.micro_batch_tokens`). Prints the seconds of one
-`PolicyLearner.backward` (forward + backward over the whole batch) with `share_prompt` off and on,
-alternating, so that both see the same machine load.
+`PolicyLearner.backward` (forward + backward over the whole batch) each way, alternating, so that
+both see the same machine load.
 """
 import argparse
 import time
@@ -14,6 +16,7 @@ import time
 import torch
 
 import algorithms
+from align import fused_head
 from align.config import ModelConfig, PeftConfig
 from align.experience import build_experience
 from align.learners import MetricSums, PolicyLearner
@@ -42,12 +45,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--reps", type=int, default=3, help="timed updates per setting")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compare", choices=("prompt", "head"), default="prompt",
+                   help="prompt: share_prompt off / on; head: the frozen head tiled / fused (prompts shared)")
+    p.add_argument("--autocast", default="none", help="the learner's train.autocast: none, auto, bfloat16")
+    p.add_argument("--attn", default="sdpa", help="the learner's model.attn_implementation")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     path = resolve_model("smollm2-135m-instruct")
-    learner = PolicyLearner(ModelConfig(name=path), PeftConfig(method="lora", r=16, alpha=32), lr=1e-4,
-                            total_steps=10, temperature=0.7, micro_batch_size=16, num_threads=a.threads,
-                            micro_batch_tokens=1600)
+    learner = PolicyLearner(ModelConfig(name=path, attn_implementation=a.attn), PeftConfig(method="lora", r=16, alpha=32),
+                            lr=1e-4, total_steps=10, temperature=0.7, micro_batch_size=16, num_threads=a.threads,
+                            micro_batch_tokens=1600, amp=a.autocast)
     from transformers import AutoTokenizer
 
     samples = batch(AutoTokenizer.from_pretrained(path))
@@ -57,18 +64,23 @@ def main() -> None:
     prompt = sum(len(s.prompt_ids) for s in samples) / len(samples)
     completion = sum(len(s.completion_ids) for s in samples) / len(samples)
     print(f"32 rows: prompts {prompt:.0f} tokens, completions {completion:.0f} on average; {a.threads} threads")
-    times: dict[bool, list[float]] = {False: [], True: []}
+    usable = fused_head.usable
+    names = ("share_prompt=false", "share_prompt=true") if a.compare == "prompt" else ("head tiled", "head fused")
+    times: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(a.reps + 1):  # the first round warms up
-        for shared in (False, True):
-            learner.shared = shared
+        for k, name in enumerate(names):
+            if a.compare == "prompt":
+                learner.shared = bool(k)
+            else:  # the tiled path is what a trainable head takes: switch the fused one off
+                learner.shared = True
+                fused_head.usable = usable if k else (lambda head: False)
             learner.optimizer.zero_grad(set_to_none=True)
             t = time.perf_counter()
             learner.backward(exp, algo.loss, MetricSums())
-            times[shared].append(time.perf_counter() - t)
-    for shared, ts in times.items():
+            times[name].append(time.perf_counter() - t)
+    for name, ts in times.items():
         ts = ts[1:]
-        print(f"share_prompt={str(shared).lower():5}  forward + backward {sum(ts) / len(ts):5.1f} s "
-              f"(runs: {', '.join(f'{x:.1f}' for x in ts)})")
+        print(f"{name:18}  forward + backward {sum(ts) / len(ts):5.1f} s (runs: {', '.join(f'{x:.1f}' for x in ts)})")
 
 
 if __name__ == "__main__":
