@@ -20,11 +20,12 @@ from typing import Any
 
 import torch
 
+from align import prompt_replay
 from align.config import ModelConfig, PeftConfig
 from align.cores import ThreadBudget, watch_layers
 from align.device import HOST, autocast, dist_backend, free_port, node_ip, resolve_autocast, to_host, worker_device
 from align.frozen_cast import cache_frozen_casts
-from align.logprobs import logprobs_in_chunks, micro_batches, sequence_logprobs, trim
+from align.logprobs import completion_logprobs, logprobs_in_chunks, micro_batches, sequence_logprobs, trim
 from align.models import load_causal_lm, set_threads
 from align.placement import Placed
 from align.trainer import lr_lambda
@@ -380,12 +381,23 @@ class PolicyLearner(DataParallel):
             rows = len(mini.input_ids)
             mini = live_rows(mini)
             sums.add({"idle_rows_skipped": 1 - len(mini.input_ids) / rows}, 0.0)
-        micro = micro_batches(mini, self.micro, self.tokens, self.packing, self.shared)
-        for k, (_, mb) in enumerate(micro):
+        prompts = None
+        if (self.shared and self.tokens > 0 and not self.packing and self.engine is None
+                and prompt_replay.can_replay(self.net, mini.prompt_len)):
+            with autocast(self.device, self.amp):  # every prompt once; rows cut by length (align/prompt_replay.py)
+                prompts = prompt_replay.PromptCache(self.net, mini, grad=True)
+            micro = prompt_replay.row_micro_batches(mini, self.tokens)
+        else:
+            micro = micro_batches(mini, self.micro, self.tokens, self.packing, self.shared)
+        for k, (idx, mb) in enumerate(micro):
             self.threads.refresh()  # the engine may have finished generating: its core is lent here
             with autocast(self.device, self.amp):
-                lp, ent = sequence_logprobs(self.net, mb, self.temperature, self.packing, with_entropy=True,
-                                            shared=self.shared, entropy_grad=entropy_grad)
+                if prompts is not None:
+                    lp, ent = completion_logprobs(self.net, mb.input_ids, mb.attention_mask, mb.prompt_len,
+                                                  prompts.cache(idx), self.temperature, True, entropy_grad)
+                else:
+                    lp, ent = sequence_logprobs(self.net, mb, self.temperature, self.packing, with_entropy=True,
+                                                shared=self.shared, entropy_grad=entropy_grad)
             fields = {k: v for k, v in mb.tensors().items() if k not in ("input_ids", "attention_mask")}
             if entropy_grad:
                 fields["entropy"] = ent
@@ -394,6 +406,8 @@ class PolicyLearner(DataParallel):
             w = float(mb.action_mask.sum())
             metrics["entropy"] = float((ent.detach() * mb.action_mask).sum()) / max(w, 1.0)
             sums.add(metrics, w)
+        if prompts is not None:
+            prompts.backward()  # the prompts' share of every micro-batch's gradient, through them once
         sums.updates += 1
 
     def update(self, exp: Experience, algorithm: Any, epochs: int = 1, minibatches: int = 1,

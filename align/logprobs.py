@@ -9,6 +9,8 @@ The numbers are those of `log_softmax(logits / T)` taken whole (tested).
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -173,6 +175,18 @@ def shared_prompt_token_logprobs(model: torch.nn.Module, input_ids: Tensor, atte
                 position_ids=position_ids[first, :P - 1], use_cache=True, logits_to_keep=1)
     cache = pre.past_key_values
     cache.reorder_cache(rows)  # (U, ...) -> (B, ...): index_select, differentiable
+    return completion_logprobs(model, input_ids, attention_mask, P, cache, temperature, with_entropy, entropy_grad)
+
+
+def completion_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_len: int,
+                        cache: Any, temperature: float = 1.0, with_entropy: bool = False,
+                        entropy_grad: bool = False) -> tuple[Tensor, Tensor | None]:
+    """`token_logprobs` given the KV `cache` of every row's prompt but its last column: only the last
+    prompt token and the completions run (`shared_prompt_token_logprobs`, `align.prompt_replay`)."""
+    inner = getattr(model, "module", model)
+    B, T = input_ids.shape
+    P = prompt_len
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as the padded path
     out = model(input_ids=input_ids[:, P - 1:], attention_mask=attention_mask, position_ids=position_ids[:, P - 1:],
                 past_key_values=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
     hidden = out.hidden_states[-1][:, :-1]  # (B, T - P, H): the state before each completion token
@@ -281,9 +295,19 @@ def pad_to(x: Tensor, T: int) -> Tensor:
 def logprobs_in_chunks(model: torch.nn.Module, exp: Experience, micro: int, temperature: float,
                        tokens: int = 0, packed: bool = False, shared: bool = False) -> Tensor:
     """(B, T) token logprobs of `exp` without gradients, in micro-batches of `micro` rows (or a
-    budget of `tokens` tokens, packed, padded or prompt-shared: `micro_batches`), on `exp`'s device."""
+    budget of `tokens` tokens, packed, padded or prompt-shared: `micro_batches`; prompt-shared with a
+    budget, every prompt once and rows cut by length: `align.prompt_replay`), on `exp`'s device."""
+    from align import prompt_replay
+
     out = torch.zeros(exp.input_ids.shape, dtype=torch.float32, device=exp.input_ids.device)
     with torch.no_grad():
+        if shared and tokens > 0 and not packed and prompt_replay.can_replay(model, exp.prompt_len):
+            prompts = prompt_replay.PromptCache(model, exp, grad=False)  # every prompt once, then rows by length
+            for idx, mb in prompt_replay.row_micro_batches(exp, tokens):
+                lp, _ = completion_logprobs(model, mb.input_ids, mb.attention_mask, mb.prompt_len, prompts.cache(idx),
+                                            temperature)
+                out[idx.to(out.device), :lp.shape[1]] = lp.float()
+            return out
         for idx, mb in micro_batches(exp, micro, tokens, packed, shared):
             lp, _ = sequence_logprobs(model, mb, temperature, packed, shared=shared)
             left = exp.prompt_len - mb.prompt_len  # columns trimmed on the left

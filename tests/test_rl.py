@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import algorithms
 import align.logprobs
+import align.prompt_replay
 from align import rl
 from align.config import PeftConfig, ModelConfig, load_config, to_dict
 from align.experience import build_experience
@@ -192,19 +193,25 @@ def test_packed_and_token_budget_micro_batches_equal_one_padded_batch(tmp_path, 
 
     loss, lp, grads = run(0, False)  # one padded micro-batch
     longest = int(exp.attention_mask.sum(1).max())
-    # prompts computed once per group (KV cache copied to its samples): in whole-group micro-batches
-    # under the token budget, and in row micro-batches of 5 that split the groups of 3
+    completion = int(exp.attention_mask[:, exp.prompt_len:].sum(1).max()) + 1
+    # prompts computed once (KV cache copied to the samples): with a token budget every prompt once per
+    # update, its gradient replayed after micro-batches of rows cut by length (align/prompt_replay.py),
+    # here one micro-batch, then 3 rows each (splitting the groups); without a budget, in row
+    # micro-batches of 5 that split the groups of 3, each group's prompt once per micro-batch
     for tokens, packing, shared in ((2 * longest, False, False), (2 * longest, True, False), (0, True, False),
-                                    (2 * longest, False, True), (0, False, True)):
+                                    (9 * longest, False, True), (3 * completion, False, True), (0, False, True)):
         learner.micro = 5 if shared and not tokens else 64
-        fallbacks = []  # prompt lengths of micro-batches that took the padded path
+        fallbacks, replays = [], []  # prompt lengths of micro-batches that took the padded path; replays
         if shared:
             padded = align.logprobs.token_logprobs
             monkeypatch.setattr(align.logprobs, "token_logprobs",
                                 lambda *a, **k: fallbacks.append(a[3]) or padded(*a, **k))
+            replay = align.prompt_replay.PromptCache.backward
+            monkeypatch.setattr(align.prompt_replay.PromptCache, "backward", lambda c: replays.append(1) or replay(c))
         loss2, lp2, grads2 = run(tokens, packing, shared)
         monkeypatch.undo()
         assert all(p < 2 for p in fallbacks), fallbacks  # only the 1-token prompt ("yes") has no prefix to share
+        assert len(replays) == (shared and tokens > 0)
         assert abs(loss2 - loss) < 1e-5, (tokens, packing)
         mask = exp.action_mask.bool()
         assert torch.allclose(lp2[mask], lp[mask], atol=1e-5), (tokens, packing)
@@ -607,3 +614,15 @@ def test_engine_log_probs_as_the_old_policy_skip_the_recompute_and_equal_it(tmp_
     bad = _cfg(tmp_path / "bad", model_dir, "algorithm.old_policy=engine", "algorithm.rollout_correction=token-mask")
     with pytest.raises(ValueError, match="old_policy=engine"):
         rl.rollout_correction(bad, model_dir)
+
+
+def test_row_micro_batches_are_cut_where_the_padded_tokens_are_fewest():
+    """plan_rows (align/prompt_replay.py) by hand: completions 64, 20, 19, 18, 15 under a 200-token
+    budget with 64 tokens per micro-batch: the long row alone (65 + 64) and the four short ones
+    (4 x 21 + 64) cost 277; all five would be 325 tokens, over the budget; [64, 20] + the rest 318."""
+    from align.prompt_replay import plan_rows
+
+    assert plan_rows([20, 64, 18, 19, 15], 200, overhead=64) == [[1], [0, 3, 2, 4]]
+    # within a 400 budget: one micro-batch costs 325 + 200, two 149 + 400 with 200 a micro-batch
+    assert plan_rows([20, 64, 18, 19, 15], 400, overhead=200) == [[1, 0, 3, 2, 4]]
+    assert plan_rows([300, 5], 100, overhead=0) == [[0], [1]]  # a row over the budget goes alone
