@@ -84,7 +84,10 @@ class AlgorithmConfig:
     # at most this many tokens (padding included unless packed), so that little padding is computed
     micro_batch_tokens: int = 0
     packing: bool = False  # each policy micro-batch one sequence without padding (position ids restart per row; varlen attention with flash_attention_2)
-    share_prompt: bool = True  # a group's prompt runs once per micro-batch, its KV cache copied to the group's samples (not with packing)
+    # a group's prompt runs once, its KV cache copied to the group's samples (not with packing); with
+    # micro_batch_tokens, once per update for the whole batch, its gradient replayed after the
+    # micro-batches, which are cut from rows sorted by reply length (align/prompt_replay.py)
+    share_prompt: bool = True
     # Importance weights for the engine's numerics differing from the learner's (algorithms/core.py
     # rollout_weights): TIS (token-truncate), MIS (token-mask) or their sequence-level forms; "auto"
     # = token-truncate where they differ (vLLM, an engine in another dtype, QLoRA), else off
