@@ -4,8 +4,8 @@ For a frozen head W (V, H) and a hidden state h, lp = log_softmax(W h)[t] has th
 d lp / d h = W[t] - softmax(W h) @ W: H numbers per token that do not depend on the loss. Computed
 chunk by chunk in the forward (Liger's fused linear cross-entropy does the same for a mean CE loss),
 no (N, V) tensor is kept or recomputed, and the backward is one multiply per token. The chunks are
-small enough for the (rows, V) passes (cast, exp, sums) to stay in cache: on a CPU the whole-tile
-passes over 250 MB tensors cost a quarter of a LoRA update (`examples/profile_step.py`, README).
+small enough for the (rows, V) passes (cast, exp, sums) to stay near the cache, where whole tiles
+made each pass a trip over 250 MB (`examples/bench_update.py --compare head`, README).
 The entropy and, for an entropy bonus, its gradient -(p * (log p + H)) @ W come from the same chunk.
 Numbers are those of `log_softmax(head(h).float())` (tested against it, values and gradients).
 """
