@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from align import fused_head
+from align import fused_head, prompt_replay
 from align.types import Experience
 
 TILE_ELEMENTS = 64 * 2**20  # logits per tile (N x V): 256 MB in float32
@@ -147,6 +147,18 @@ def packed_token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_m
     return full, torch.zeros((B, T), dtype=ent.dtype, device=ent.device).index_put((rows, cols), ent)
 
 
+def unique_prompts(input_ids: Tensor, attention_mask: Tensor, prompt_len: int) -> tuple[Tensor, Tensor]:
+    """(U,) one row holding each distinct prompt (all but its last column, left-padded to
+    `prompt_len`) and (B,) each row's prompt among those U."""
+    P = prompt_len
+    prefix = torch.cat([input_ids[:, :P - 1] * attention_mask[:, :P - 1], attention_mask[:, :P - 1]], 1)
+    uniq, rows = torch.unique(prefix, dim=0, return_inverse=True)  # (U, 2P - 2), (B,)
+    B = input_ids.shape[0]
+    first = torch.zeros(uniq.shape[0], dtype=torch.long, device=rows.device).scatter_(
+        0, rows.flip(0), torch.arange(B - 1, -1, -1, device=rows.device))
+    return first, rows
+
+
 def shared_prompt_token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor,
                                  prompt_len: int, temperature: float = 1.0, with_entropy: bool = False,
                                  entropy_grad: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -158,16 +170,11 @@ def shared_prompt_token_logprobs(model: torch.nn.Module, input_ids: Tensor, atte
     whose head is not plain and under ZeRO-3."""
     inner = getattr(model, "module", model)  # DDP / DeepSpeed wrap the model
     P = prompt_len
-    if (P < 2 or not fast_head(inner) or hasattr(inner.get_output_embeddings().weight, "ds_id")
-            or getattr(inner, "is_gradient_checkpointing", False)):
+    if not prompt_replay.can_replay(model, P):  # the same conditions: a prefix, a plain head, a cache
         return token_logprobs(model, input_ids, attention_mask, prompt_len, temperature, with_entropy, entropy_grad)
-    prefix = torch.cat([input_ids[:, :P - 1] * attention_mask[:, :P - 1], attention_mask[:, :P - 1]], 1)
-    uniq, rows = torch.unique(prefix, dim=0, return_inverse=True)  # (U, 2P - 2), (B,)
-    if uniq.shape[0] == input_ids.shape[0]:
+    first, rows = unique_prompts(input_ids, attention_mask, P)
+    if len(first) == input_ids.shape[0]:
         return token_logprobs(model, input_ids, attention_mask, prompt_len, temperature, with_entropy, entropy_grad)
-    B, T = input_ids.shape
-    first = torch.zeros(uniq.shape[0], dtype=torch.long, device=rows.device).scatter_(
-        0, rows.flip(0), torch.arange(B - 1, -1, -1, device=rows.device))  # (U,) a row holding each prompt
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as the padded path
     # the prompts through the bare model: under DDP only the second call may go through the wrapper
     # (one forward per backward for its reducer); the gradient hooks see both uses either way
@@ -297,8 +304,6 @@ def logprobs_in_chunks(model: torch.nn.Module, exp: Experience, micro: int, temp
     """(B, T) token logprobs of `exp` without gradients, in micro-batches of `micro` rows (or a
     budget of `tokens` tokens, packed, padded or prompt-shared: `micro_batches`; prompt-shared with a
     budget, every prompt once and rows cut by length: `align.prompt_replay`), on `exp`'s device."""
-    from align import prompt_replay
-
     out = torch.zeros(exp.input_ids.shape, dtype=torch.float32, device=exp.input_ids.device)
     with torch.no_grad():
         if shared and tokens > 0 and not packed and prompt_replay.can_replay(model, exp.prompt_len):

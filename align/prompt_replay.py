@@ -74,13 +74,12 @@ class PromptCache:
 
     def __init__(self, model: torch.nn.Module, exp: Experience, grad: bool) -> None:
         """Run the prompts (with gradients when `grad`), under the caller's autocast."""
+        from align.logprobs import unique_prompts
+
         inner = getattr(model, "module", model)
         P = exp.prompt_len
         ids, mask = exp.input_ids[:, :P - 1], exp.attention_mask[:, :P - 1]
-        uniq, self.rows = torch.unique(torch.cat([ids * mask, mask], 1), dim=0, return_inverse=True)
-        B = len(ids)
-        first = torch.zeros(len(uniq), dtype=torch.long, device=ids.device).scatter_(
-            0, self.rows.flip(0), torch.arange(B - 1, -1, -1, device=ids.device))  # a row holding each prompt
+        first, self.rows = unique_prompts(exp.input_ids, exp.attention_mask, P)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() does under left padding
         with torch.set_grad_enabled(grad):
             out = inner(input_ids=ids[first], attention_mask=mask[first], position_ids=position_ids[first],
