@@ -86,7 +86,8 @@ class PromptCache:
                         use_cache=True, logits_to_keep=1)
         self.config = inner.config
         self.kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        self.leaves = [tuple(t.detach().requires_grad_(grad) for t in kv) for kv in self.kv]
+        # a layer below every adapter (peft.adapter_layers) has no gradient to pass back: no leaf grad
+        self.leaves = [tuple(t.detach().requires_grad_(grad and t.requires_grad) for t in kv) for kv in self.kv]
 
     def cache(self, idx: Tensor) -> DynamicCache:
         """The KV cache of rows `idx` (gathered from the leaves: gradients collect there)."""

@@ -126,9 +126,10 @@ def test_vllm_engine_equals_learner_after_sync(tmp_path, merged):
         worker.engine.close()
 
 
-def _learner_with_gradients(model_dir, micro_batch_size, attn="sdpa"):
+def _learner_with_gradients(model_dir, micro_batch_size, attn="sdpa", adapter_layers=0):
     """A LoRA policy learner whose B matrices are non-zero, so that every LoRA parameter gets a gradient."""
-    learner = PolicyLearner(ModelConfig(name=str(model_dir), attn_implementation=attn), PeftConfig(method="lora", r=8),
+    learner = PolicyLearner(ModelConfig(name=str(model_dir), attn_implementation=attn),
+                            PeftConfig(method="lora", r=8, adapter_layers=adapter_layers),
                             lr=1e-2,
                             total_steps=2, temperature=0.7, micro_batch_size=micro_batch_size, num_threads=1)
     with torch.no_grad():
@@ -162,14 +163,16 @@ def test_microbatch_accumulation_equals_one_batch(tmp_path):
         assert torch.allclose(one[n], parts[n], atol=1e-6, rtol=1e-4), n
 
 
-@pytest.mark.parametrize("agg,attn", [("token-mean", "sdpa"), ("seq-mean-token-mean", "sdpa"), ("token-mean", "eager")])
-def test_packed_and_token_budget_micro_batches_equal_one_padded_batch(tmp_path, agg, attn, monkeypatch):
+@pytest.mark.parametrize("agg,attn,layers", [("token-mean", "sdpa", 0), ("seq-mean-token-mean", "sdpa", 0),
+                                             ("token-mean", "eager", 0), ("token-mean", "eager", 1)])
+def test_packed_and_token_budget_micro_batches_equal_one_padded_batch(tmp_path, agg, attn, layers, monkeypatch):
     """Padding-free updates: micro-batches cut by a token budget (padded, length-sorted), packed
     ones (one sequence per micro-batch, position ids restarting per row) and prompt-shared ones
     (each group's prompt run once) give the loss, the gradients and the log-probs of the whole
     batch in one padded piece, under either CPU attention backend (the main job's preset takes eager)."""
     model_dir = save_tiny_model(tmp_path / "tiny")
-    learner = _learner_with_gradients(model_dir, micro_batch_size=64, attn=attn)
+    # layers=1: adapters on the last layer only, so the first layer's prompt cache needs no gradient
+    learner = _learner_with_gradients(model_dir, micro_batch_size=64, attn=attn, adapter_layers=layers)
     engine = RolloutWorker("hf", str(model_dir), num_threads=1)
     samples, _, _ = engine.generate(["What is 2 + 3?", "Tom has 5 apples and 3 pears", "yes"],
                                     SamplingParams(n=3, max_new_tokens=9, seed=4))
