@@ -53,6 +53,7 @@ class PeftConfig:
     alpha: float = 32.0  # LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)
     dropout: float = 0.0  # dropout on the LoRA input
     rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)
+    loraplus_lr_ratio: float = 0.0  # LoRA+ (Hayou et al. 2024): > 0 trains the B matrices at this many times the lr (peft); 0 = off
     adalora_target_r: int = 8  # AdaLoRA: average rank after pruning
     adalora_tinit: int = 0  # AdaLoRA: steps before rank pruning starts
     adalora_tfinal: int = 0  # AdaLoRA: final steps with fixed ranks

@@ -29,7 +29,8 @@ from align.logprobs import completion_logprobs, logprobs_in_chunks, micro_batche
 from align.models import load_causal_lm, set_threads
 from align.placement import Placed
 from align.trainer import lr_lambda
-from align.tuning import after_backward_hook, apply_tuning, is_peft, quantization_config, trainable_state_dict
+from align.tuning import (after_backward_hook, apply_tuning, is_peft, make_optimizer, quantization_config,
+                          trainable_state_dict)
 from align.types import Experience
 
 _MERGEABLE_ADAPTERS = {"lora", "dora", "adalora", "ia3", "qlora"}
@@ -207,9 +208,14 @@ class DataParallel(Placed):
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         scheduler = getattr(self, "scheduler", None)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.model, model_parameters=self.params, config=config, dist_init_required=False)
+            model=self.model, model_parameters=self._groups(), config=config, dist_init_required=False)
         if scheduler is not None:  # the LR schedule now drives DeepSpeed's optimizer
             scheduler.optimizer = self.optimizer
+
+    def _groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups with their own lr / weight decay (LoRA+), for DeepSpeed."""
+        return [{"params": g["params"], "lr": g["lr"], "weight_decay": g["weight_decay"]}
+                for g in self.optimizer.param_groups]
 
     @property
     def net(self) -> torch.nn.Module:
@@ -332,7 +338,7 @@ class PolicyLearner(DataParallel):
         self.method = peft_cfg.method
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.optimizer = make_optimizer(self.model, self.params, lr, weight_decay, peft_cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(  # stepped once per training step
             self.optimizer, lr_lambda(lr_scheduler, warmup_steps, total_steps))
         self.max_grad_norm, self.temperature, self.micro = max_grad_norm, temperature, micro_batch_size
@@ -484,7 +490,7 @@ class CriticLearner(DataParallel):
                                          new_heads=("score", "classifier")), self.device)
         self._cache_casts()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr)
+        self.optimizer = make_optimizer(self.model, self.params, lr, 0.0, peft_cfg)
         self.max_grad_norm, self.micro = max_grad_norm, micro_batch_size
         self.generator = torch.Generator().manual_seed(seed + 1)
         self.steps = 0

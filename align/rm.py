@@ -127,7 +127,7 @@ def run(cfg: RMConfig, model=None, tokenizer=None, callbacks: Sequence[Callable[
     trainer = Trainer(model, train, functools.partial(_collate, pad_id=tokenizer.pad_token_id),
                       functools.partial(rm_loss, cfg=cfg.reward), cfg.train, cfg.log, run_dir, to_dict(cfg),
                       eval_examples=evals, after_backward=after_backward_hook(model, cfg.peft),
-                      callbacks=callbacks, desc="rm")
+                      callbacks=callbacks, desc="rm", peft_cfg=cfg.peft)
     if cfg.train.resume and trainer.resume() and main:
         print(f"[align] resumed from step {trainer.step}", flush=True)
     result = trainer.train()

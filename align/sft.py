@@ -108,7 +108,8 @@ def run(cfg: SFTConfig, model=None, tokenizer=None,
     gen_eval = stage_evaluator(cfg.generate_eval, tokenizer, run_dir, cfg.train.seed)
     trainer = Trainer(model, train, collate, sft_loss, cfg.train, cfg.log, run_dir, to_dict(cfg),
                       eval_examples=evals, after_backward=after_backward_hook(model, cfg.peft),
-                      callbacks=callbacks, desc="sft", generate_eval=gen_eval, generate_every=cfg.generate_eval.every)
+                      callbacks=callbacks, desc="sft", generate_eval=gen_eval, generate_every=cfg.generate_eval.every,
+                      peft_cfg=cfg.peft)
     if cfg.train.resume and trainer.resume() and main:
         print(f"[align] resumed from step {trainer.step}", flush=True)
     try:

@@ -29,11 +29,11 @@ import torch
 from torch import nn
 
 from align import checkpoint, distributed
-from align.config import LogConfig, TrainConfig
+from align.config import LogConfig, PeftConfig, TrainConfig
 from align.device import autocast, resolve_autocast, to_device, to_host
 from align.frozen_cast import cache_frozen_casts
 from align.tracking import Tracker
-from align.tuning import trainable_state_dict
+from align.tuning import make_optimizer, trainable_state_dict
 
 # loss_fn(model, batch) -> (summed loss over the batch's targets, metrics summed over targets)
 LossFn = Callable[[nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, float]]]
@@ -94,7 +94,8 @@ class Trainer:
                  loss_fn: LossFn, train_cfg: TrainConfig, log_cfg: LogConfig, run_dir: Path,
                  config: dict[str, Any], eval_examples: Sequence[Any] = (), after_backward=None,
                  callbacks: Sequence[Callable[[int, dict], None]] = (), desc: str = "train",
-                 generate_eval: Callable[[nn.Module, int], dict] | None = None, generate_every: int = 0):
+                 generate_eval: Callable[[nn.Module, int], dict] | None = None, generate_every: int = 0,
+                 peft_cfg: PeftConfig | None = None):
         self.examples, self.collate_fn, self.loss_fn = examples, collate_fn, loss_fn
         self.cfg, self.log_cfg, self.run_dir, self.config = train_cfg, log_cfg, Path(run_dir), config
         self.eval_examples, self.after_backward, self.callbacks, self.desc = eval_examples, after_backward, callbacks, desc
@@ -110,7 +111,7 @@ class Trainer:
         if not self.params:
             raise ValueError("no trainable parameters: check peft.method and its options")
         distributed.broadcast_params(self.params)
-        self.optimizer = torch.optim.AdamW(self.params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        self.optimizer = make_optimizer(self.model, self.params, train_cfg.lr, train_cfg.weight_decay, peft_cfg)
         warmup = int(round(train_cfg.warmup_ratio * self.total_steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(train_cfg.scheduler, warmup, self.total_steps))

@@ -43,6 +43,28 @@ def test_sft_loss_falls_and_run_dir_is_complete(tmp_path, sft_rows, method, rati
     assert all(r["tokens_per_s"] > 0 for r in recs if "loss" in r)
 
 
+def test_loraplus_moves_the_b_matrices_ratio_times_as_far(tmp_path, sft_rows):
+    """LoRA+ (peft.loraplus_lr_ratio): AdamW's first step moves every parameter with a gradient by
+    about lr (its update is m / sqrt(v) = sign(g)); the B matrices start at 0, so after one step
+    their largest entry is lr, or ratio x lr with LoRA+."""
+    path = write_jsonl(tmp_path / "d.jsonl", sft_rows)
+    largest = {}
+    for ratio in (0, 16):
+        model, tok = tiny_model()
+        out = sft.run(_cfg(tmp_path / str(ratio), path, "train.max_steps=1", "train.warmup_ratio=0",
+                           "train.scheduler=constant", "train.lr=1e-4", f"peft.loraplus_lr_ratio={ratio}"), model, tok)
+        largest[ratio] = max(p.abs().max().item() for n, p in out.model.named_parameters() if "lora_B" in n)
+    assert largest[0] == pytest.approx(1e-4, rel=1e-3)
+    assert largest[16] == pytest.approx(16e-4, rel=1e-3)
+
+
+def test_loraplus_needs_a_lora_method(tmp_path, sft_rows):
+    path = write_jsonl(tmp_path / "d.jsonl", sft_rows)
+    model, tok = tiny_model()
+    with pytest.raises(ConfigError, match="peft.loraplus_lr_ratio"):
+        sft.run(_cfg(tmp_path, path, "peft.method=full", "peft.loraplus_lr_ratio=16"), model, tok)
+
+
 def test_completion_only_loss_masks_the_prompt(tmp_path):
     _, tok = tiny_model()
     from align.config import DataConfig

@@ -67,3 +67,17 @@ def test_zero_from_config_matches_plain_and_resumes_exactly(plain, stage):
     resumed = _weights(cut)
     for k in got:
         assert torch.equal(resumed[k], got[k]), (k, (resumed[k] - got[k]).abs().max())
+
+
+def test_zero2_keeps_loraplus_groups(plain):
+    """LoRA+ (peft.loraplus_lr_ratio): DeepSpeed builds its optimizer from the learner's parameter
+    groups, so the B matrices keep their own lr: ZeRO-2 equals the plain learner, and both differ
+    from the run with one lr."""
+    tmp, model_dir, one_lr, _ = plain
+    rl.run(_cfg(tmp / "plus", model_dir, "peft.loraplus_lr_ratio=4"))
+    want = _weights(tmp / "plus")
+    assert max((want[k] - one_lr[k]).abs().max() for k in want if "lora_B" in k) > 1e-3
+    rl.run(_cfg(tmp / "plus-zero2", model_dir, "peft.loraplus_lr_ratio=4", "train.zero_stage=2", "train.num_learners=2"))
+    got = _weights(tmp / "plus-zero2")
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-4), (k, (got[k] - want[k]).abs().max())
