@@ -274,14 +274,25 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """data['a']['b'] = value for dotted 'a.b', creating mappings on the way."""
+    """data['a']['b'] = value for dotted 'a.b', creating mappings on the way; an integer key indexes
+    a list ('reward.functions.2.weight')."""
     keys = dotted.split(".")
-    node = data
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override '{dotted}': '{k}' is not a section")
-    node[keys[-1]] = value
+    node: Any = data
+    for depth, k in enumerate(keys):
+        last = depth == len(keys) - 1
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise ConfigError(f"override '{dotted}': '{k}' is not an index of the "
+                                  f"{len(node)}-item list '{'.'.join(keys[:depth])}'")
+            k = int(k)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{keys[depth - 1]}' is not a section")
+        if last:
+            node[k] = value
+        elif isinstance(node, dict):
+            node = node.setdefault(k, {})
+        else:
+            node = node[k]
 
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] = (),

@@ -9,7 +9,7 @@ import torch
 
 import algorithms
 from align import checkpoint
-from align.config import LogConfig, REDACTED, load_config, redact, save_config, to_dict
+from align.config import ConfigError, LogConfig, REDACTED, load_config, redact, save_config, to_dict
 from align.rl_config import RLConfig
 from align.tracking import Tracker
 
@@ -126,3 +126,16 @@ def test_mistyped_algorithm_parameter_and_name_are_named_with_the_closest_one():
     with pytest.raises(algorithms.AlgorithmConfigError, match="'_rng'"):  # init=False fields are not parameters
         algorithms.get("dupo", _rng=None)
     assert "kl_coef" in algorithms.params(algorithms.get_class("ppo"))
+
+
+def test_an_override_indexes_a_list_and_names_a_bad_index():
+    preset = Path(__file__).parents[1] / "examples" / "grpo_arithmetic.yaml"
+    cfg = load_config(RLConfig, preset, ["reward.functions.2.kwargs.exclude_prompt_numbers=true",
+                                         "reward.functions.0.weight=2"])
+    assert [f.weight for f in cfg.reward.functions][:3] == [2.0, 0.2, 0.5]  # the others as written
+    assert cfg.reward.functions[2].kwargs == {"exclude_prompt_numbers": True}
+    assert cfg.reward.functions[1].kwargs["pattern"].startswith("[^\\n=]")  # untouched
+    with pytest.raises(ConfigError, match=r"'4' is not an index of the 4-item list 'reward.functions'"):
+        load_config(RLConfig, preset, ["reward.functions.4.weight=1"])
+    with pytest.raises(ConfigError, match=r"'lr' is not a section"):
+        load_config(RLConfig, preset, ["train.lr.x=1"])

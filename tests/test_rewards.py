@@ -613,3 +613,13 @@ def test_number_closeness_gives_partial_credit_by_relative_error():
     assert rewards.get("number_closeness", tolerance=0.1)(["p"], ["105"], answer=["100"]) == [pytest.approx(0.5)]
     with pytest.raises(ValueError, match="tolerance"):
         rewards.get("number_closeness", tolerance=0)
+
+
+def test_number_closeness_can_refuse_numbers_copied_from_the_prompt():
+    prompt = "Ravi collects 11 apples on Monday and 29 on Tuesday. How many apples in total?"
+    replies = ["Ravi collects 11 apples on Monday and 29 on Tuesday", "11 + 29 = 39", "It is 40."]
+    plain = rewards.get("number_closeness")([prompt] * 3, replies, answer=["40"] * 3)
+    strict = rewards.get("number_closeness", exclude_prompt_numbers=True)([prompt] * 3, replies, answer=["40"] * 3)
+    assert plain[0] == pytest.approx(1 - 11 / 20)  # the restated 29 is 11 off 40: credit without the flag
+    assert strict == [0.0, pytest.approx(1 - 1 / 20), 1.0]  # a copied number earns nothing; the rest as before
+    assert strict[1:] == plain[1:]
