@@ -153,6 +153,8 @@ class RLRun:
                              "(env.name) generate turn by turn: use rollout.pipeline=sync")
         self.overlap = self.episodes is None and (
             r.pipeline == "one-step-off" or (r.pipeline == "auto" and self.use_gpus and not res.colocate))
+        if r.sync_steps < 0:
+            raise ValueError(f"rollout.sync_steps must be >= 0 (the synchronous steps before the overlap), got {r.sync_steps}")
         if self.overlap and self.sleep_engines:
             raise ValueError("rollout.pipeline=one-step-off needs awake engines while the learners train: set "
                              "resources.sleep_engines=false or resources.colocate=false")
@@ -363,7 +365,7 @@ class RLRun:
             groups += _groups(samples)
             sel = self.algo.select(groups, batch_groups=cfg.rollout.prompts_per_step, round=round_, rng=rng)
             need, round_ = sel.need, round_ + 1
-        if self.overlap and self.step_no + 1 < cfg.train.max_steps:
+        if self.overlap and cfg.rollout.sync_steps <= self.step_no + 1 < cfg.train.max_steps:
             # one step off policy: the engines sample the next step's prompts with the weights they
             # hold now while the learners train on this batch; the sync below queues behind it
             self.prefetch_stream = (self.stream.epoch, self.stream.pos)

@@ -34,6 +34,9 @@ class RolloutConfig:
     # rollout-correction weights); "sync": generate, then train. "auto" = one-step-off where engines
     # have GPUs of their own (resources.colocate=false), else sync
     pipeline: Literal["auto", "sync", "one-step-off"] = "auto"
+    # one-step-off: the first sync_steps steps generate then train, the overlap starts after them.
+    # The policy moves most in the first steps, where a batch one update old overshoots (README).
+    sync_steps: int = 0
 
 
 @dataclass

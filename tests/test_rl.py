@@ -554,13 +554,17 @@ def test_overlapped_generation_is_one_step_off_policy_and_corrected(tmp_path):
     from the learner's) and the rollout-correction weights are applied; sync keeps staleness 0."""
     model_dir = save_tiny_model(tmp_path / "tiny")
     runs = {}
-    for mode in ("sync", "one-step-off"):
-        cfg = _cfg(tmp_path / mode, model_dir, "train.debug=true", f"rollout.pipeline={mode}", "train.eval_before=false",
-                   "data.eval_size=0", "algorithm.params={kl_coef: 0.0}")
-        runs[mode] = rl.run(cfg)["history"]
-    off, on = runs["sync"], runs["one-step-off"]
+    for name, mode, first in (("sync", "sync", 0), ("one-step-off", "one-step-off", 0), ("late", "one-step-off", 2)):
+        cfg = _cfg(tmp_path / name, model_dir, "train.debug=true", f"rollout.pipeline={mode}", "train.eval_before=false",
+                   "data.eval_size=0", "algorithm.params={kl_coef: 0.0}", f"rollout.sync_steps={first}")
+        runs[name] = rl.run(cfg)["history"]
+    off, on, late = runs["sync"], runs["one-step-off"], runs["late"]
     assert [h["rollout/staleness"] for h in off] == [0, 0, 0]
     assert [h["rollout/staleness"] for h in on] == [0, 1, 1]
+    # rollout.sync_steps=2: two synchronous steps (the sync run's, exactly), then the overlap
+    assert [h["rollout/staleness"] for h in late] == [0, 0, 1]
+    for key in ("reward", "loss", "grad_norm"):
+        assert [h[key] for h in late[:2]] == pytest.approx([h[key] for h in off[:2]], abs=1e-6), key
     for key in ("reward", "loss", "grad_norm", "response_length/mean"):
         assert on[0][key] == pytest.approx(off[0][key], abs=1e-6), key
     # fp32 HF engine: in sync the engine's log-probs are the learner's; one step behind they are not
