@@ -19,7 +19,7 @@ from align.evaluate import pass_at_k
 from align.models import load_causal_lm, load_tokenizer
 from align.tasks import greedy_replies, last_number, train_and_heldout
 
-SUFFIX = " Reply with only the final number."  # the main job's instruction (examples/grpo_arithmetic.yaml)
+SUFFIX = " Reply with only the final number."  # the main job's instruction until session 21 (the README's measurements with this script)
 RESULT = re.compile(r"\s*(\d+)")  # the first number the model writes after "="
 WRITTEN = re.compile(r"(\d+)\s*([-+])\s*(\d+)\s*=\s*(\d+)")  # the first written sum of a reply
 

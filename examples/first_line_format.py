@@ -13,7 +13,7 @@ from align.config import ModelConfig
 from align.models import load_causal_lm, load_tokenizer
 from align.tasks import greedy_replies, last_number, train_and_heldout
 
-SUFFIX = " Reply with only the final number."  # the main job's instruction (examples/grpo_arithmetic.yaml)
+SUFFIX = " Reply with only the final number."  # the main job's instruction until session 21 (the README's measurements with this script)
 # the preset's format-reward pattern (a whole line: some words, "a + b = c" or "a - b = c", some words)
 FORMAT = re.compile(r"[^\n=]*?\d+\s*[-+]\s*\d+\s*=\s*\d+[^\d\n=]*\s*")
 
