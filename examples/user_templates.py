@@ -54,7 +54,7 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     seen: set = set()
-    write(out / "test.jsonl", 100, 1, seen)
+    write(out / "test.jsonl", 500, 1, seen)  # as many as the preset's data.eval_size
     write(out / "train.jsonl", 1000, 2, seen)
     cfg = load_config(RLConfig, PRESET, [f"data.path={out / 'train.jsonl'}", f"data.eval_path={out / 'test.jsonl'}",
                                          f"train.output_dir={out / 'run'}", *overrides])
