@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import math
 import random
+import statistics
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")  # Schulman's estimators of KL(pi || pi_ref)
 RATIO_LEVELS = ("token", "sequence", "sequence-token")  # PPO/GRPO, GSPO, GSPO-token
-SELECTIONS = ("none", "dynamic", "duplicate")  # GRPO identity, DAPO refill, DUPO duplicate-fill
+SELECTIONS = ("none", "dynamic", "duplicate", "ranked")  # GRPO identity, DAPO refill, DUPO duplicate-fill, top spread
 CORRECTIONS = ("off", "token-truncate", "token-mask", "sequence-truncate", "sequence-mask")  # rollout_weights
 
 _LOG_RATIO_CLAMP = 20.0  # |log rho| cap before exp (verl and OpenRLHF): ratios past e^20 are noise
@@ -428,9 +429,22 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
 # --------------------------------------------------------------------------------------------------
 
 
-def _informative(group: Sequence[Sample]) -> bool:
-    """DAPO's keep rule (verl dapo_ray_trainer): rewards vary, or the group holds one sample."""
-    return len(group) == 1 or reward_variance(group)
+def _values(group: Sequence[Sample], metric: str) -> list[float]:
+    """The group's finite values of `metric`: "reward" (the combined reward) or a reward function's name."""
+    vals = [s.reward if metric == "reward" else s.reward_components.get(metric) for s in group]
+    return [v for v in vals if v is not None and math.isfinite(v)]
+
+
+def spread(group: Sequence[Sample], metric: str = "reward") -> float:
+    """Population std of `metric` over the group (0 for one value): a 0/1 accuracy's is largest at
+    half right, where a group teaches most (its Bernoulli variance p(1-p))."""
+    vals = _values(group, metric)
+    return statistics.pstdev(vals) if len(vals) > 1 else 0.0
+
+
+def _informative(group: Sequence[Sample], metric: str = "reward") -> bool:
+    """DAPO's keep rule (verl dapo_ray_trainer, `filter_groups.metric`): `metric` varies, or the group holds one sample."""
+    return len(group) == 1 or len(set(_values(group, metric))) > 1
 
 
 def _renumber(groups: list[list[Sample]]) -> list[list[Sample]]:
@@ -441,7 +455,7 @@ def _renumber(groups: list[list[Sample]]) -> list[list[Sample]]:
 
 
 def _select_dynamic(groups: list[list[Sample]], batch_groups: int, round: int, max_gen_rounds: int,
-                    strict: bool) -> Selection:
+                    strict: bool, metric: str = "reward") -> Selection:
     """DAPO dynamic sampling (2503.14476; verl `recipe/dapo`). `groups` = every group generated in
     this step so far (the driver appends each round's groups): keep the informative ones in order
     and truncate the surplus. While groups are missing, ask for a whole fresh batch (verl generates
@@ -449,7 +463,7 @@ def _select_dynamic(groups: list[list[Sample]], batch_groups: int, round: int, m
     batch fills in few rounds). After `max_gen_rounds` (> 0) the step trains on what it has (or on
     the last round's groups when none varies, whose advantages are all 0), logs
     `gen_rounds_exhausted`, and the run goes on; `strict` raises instead."""
-    kept = [g for g in groups if _informative(g)]
+    kept = [g for g in groups if _informative(g, metric)]
     dropped = len(groups) - len(kept)
     missing = max(batch_groups - len(kept), 0)
     exhausted = bool(missing) and 0 < max_gen_rounds <= round
@@ -467,11 +481,12 @@ def _select_dynamic(groups: list[list[Sample]], batch_groups: int, round: int, m
     return Selection(groups=_renumber(kept[:batch_groups]), need=batch_groups if missing else 0, metrics=metrics)
 
 
-def _select_duplicate(groups: list[list[Sample]], batch_groups: int, rng: random.Random) -> Selection:
+def _select_duplicate(groups: list[list[Sample]], batch_groups: int, rng: random.Random,
+                      metric: str = "reward") -> Selection:
     """DUPO (WebSailor, 2507.02592): drop zero-variance groups and fill the freed slots with random
     copies (with replacement) of whole kept groups, so the batch keeps its size with no generation.
     When no group varies, the batch is kept as it is: every advantage is 0 (only a KL term trains)."""
-    kept = [g for g in groups if _informative(g)]
+    kept = [g for g in groups if _informative(g, metric)]
     zero = len(groups) - len(kept)
     metrics = {"zero_std_frac": zero / max(len(groups), 1), "kept_groups": float(len(kept))}
     if not kept:
@@ -485,23 +500,43 @@ def _select_duplicate(groups: list[list[Sample]], batch_groups: int, rng: random
     return Selection(groups=_renumber(kept + extra), metrics=metrics)
 
 
+def _select_ranked(groups: list[list[Sample]], batch_groups: int, metric: str) -> Selection:
+    """Online difficulty filtering over an over-sampled round (`rollout.gen_prompts_per_step` >
+    `prompts_per_step`, verl's gen_batch_size): keep the `batch_groups` groups whose `metric` varies
+    most, ties broken by the combined reward's spread, in generation order. Unlike DAPO's refill it
+    never generates another round, so a step's cost is fixed; while no group's `metric` varies (an
+    accuracy still at 0) the combined reward's spread decides alone."""
+    order = sorted(range(len(groups)), key=lambda k: (-spread(groups[k], metric), -spread(groups[k]), k))
+    kept = [groups[k] for k in sorted(order[:batch_groups])]
+    metrics = {"zero_std_frac": sum(not _informative(g) for g in groups) / max(len(groups), 1),
+               "kept_groups": float(len(kept)),
+               "kept_varied_frac": sum(spread(g, metric) > 0 for g in kept) / max(len(kept), 1),
+               "dropped_varied_frac": sum(spread(groups[k], metric) > 0 for k in order[batch_groups:])
+               / max(len(groups) - len(kept), 1)}
+    return Selection(groups=_renumber(kept), need=max(batch_groups - len(groups), 0), metrics=metrics)
+
+
 def keep_all(groups: list[list[Sample]], batch_groups: int | None = None, round: int = 1) -> Selection:
     """The identity selection: every generated group trains (PPO, RLOO, REINFORCE++, plain GRPO)."""
     return Selection(groups=list(groups))
 
 
 def select_groups(groups: list[list[Sample]], mode: str, batch_groups: int | None = None, round: int = 1,
-                  max_gen_rounds: int = 10, rng: random.Random | None = None, strict: bool = False) -> Selection:
-    """Dispatch on the selection mode ("none" | "dynamic" | "duplicate"); `batch_groups` defaults to
-    len(groups). "none" returns the groups untouched (plus the zero-variance fraction as a metric)."""
+                  max_gen_rounds: int = 10, rng: random.Random | None = None, strict: bool = False,
+                  metric: str = "reward") -> Selection:
+    """Dispatch on the selection mode ("none" | "dynamic" | "duplicate" | "ranked"); `batch_groups`
+    defaults to len(groups); `metric` is what must vary in a kept group ("reward" or a reward
+    function's name). "none" returns the groups untouched (plus the zero-variance fraction as a metric)."""
     check_choice("selection", mode, SELECTIONS)
     groups = [g for g in groups if len(g)]
     n = len(groups) if batch_groups is None else batch_groups
     if n <= 0:
         raise ValueError(f"batch_groups must be positive, got {n}")
     if mode == "dynamic":
-        return _select_dynamic(groups, n, round, max_gen_rounds, strict)
+        return _select_dynamic(groups, n, round, max_gen_rounds, strict, metric)
     if mode == "duplicate":
-        return _select_duplicate(groups, n, rng if rng is not None else random.Random(0))
+        return _select_duplicate(groups, n, rng if rng is not None else random.Random(0), metric)
+    if mode == "ranked":
+        return _select_ranked(groups, n, metric)
     zero = sum(not _informative(g) for g in groups)
     return Selection(groups=groups, metrics={"zero_std_frac": zero / max(len(groups), 1)})

@@ -82,7 +82,10 @@ class GRPO:
     std_eps: float = 1e-6  # added to the std: verl's 1e-6 (TRL 1e-4, OpenRLHF 1e-9)
     ratio_level: str = "token"  # token | sequence (GSPO) | sequence-token (GSPO-token)
     dual_clip: float | None = None  # c > 1: cap the loss at -c*A where A < 0 (None = off)
-    selection: str = "none"  # none | dynamic (DAPO refill) | duplicate (DUPO fill)
+    selection: str = "none"  # none | dynamic (DAPO refill) | duplicate (DUPO fill) | ranked (top spread of an over-sampled round)
+    # what must vary within a kept group: "reward" (the combined reward) or a reward function's
+    # name (verl's filter_groups.metric, e.g. the accuracy's, so that format-only differences do not count)
+    filter_metric: str = "reward"
     max_gen_rounds: int = 10  # dynamic selection: generation rounds per step, then train on what there is (<= 0: no cap)
     strict_gen_rounds: bool = False  # dynamic selection: raise instead when max_gen_rounds leaves the batch short
     seed: int = 0  # seeds the RNG of duplicate selection when the caller passes none
@@ -134,7 +137,7 @@ class GRPO:
         generated in this step so far, `round` counts the generation rounds (1 = the first); `rng`
         draws DUPO's duplicates (the RL driver seeds one per step, so a resumed run draws the same)."""
         return select_groups(groups, self.selection, batch_groups, round, self.max_gen_rounds,
-                             rng if rng is not None else self._rng, self.strict_gen_rounds)
+                             rng if rng is not None else self._rng, self.strict_gen_rounds, self.filter_metric)
 
     def advantages(self, *, rewards: Tensor, group_ids: Tensor, scored: Tensor | None = None, **_) -> Tensor:
         """Group-baselined advantages (B,), broadcast over tokens by `loss`."""

@@ -28,7 +28,7 @@ from align.frozen_cast import cache_frozen_casts
 from align.logprobs import completion_logprobs, logprobs_in_chunks, micro_batches, sequence_logprobs, trim
 from align.models import load_causal_lm, set_threads
 from align.placement import Placed
-from align.trainer import lr_lambda
+from align.trainer import decay, lr_lambda
 from align.tuning import (after_backward_hook, apply_tuning, is_peft, make_optimizer, quantization_config,
                           trainable_state_dict)
 from align.types import Experience
@@ -341,6 +341,7 @@ class PolicyLearner(DataParallel):
         self.optimizer = make_optimizer(self.model, self.params, lr, weight_decay, peft_cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(  # stepped once per training step
             self.optimizer, lr_lambda(lr_scheduler, warmup_steps, total_steps))
+        self.schedule = (lr_scheduler, warmup_steps)  # for a decay over a time budget (update's `progress`)
         self.max_grad_norm, self.temperature, self.micro = max_grad_norm, temperature, micro_batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self.steps = 0
@@ -417,10 +418,15 @@ class PolicyLearner(DataParallel):
         sums.updates += 1
 
     def update(self, exp: Experience, algorithm: Any, epochs: int = 1, minibatches: int = 1,
-               correction: dict | None = None) -> dict[str, float]:
+               correction: dict | None = None, progress: float | None = None) -> dict[str, float]:
         """`epochs` x `minibatches` optimizer steps of `algorithm.loss` over `exp` (minibatches of
-        whole groups); `correction` = the run's rollout-correction settings, passed to the loss.
-        Returns token-weighted mean metrics."""
+        whole groups); `correction` = the run's rollout-correction settings, passed to the loss;
+        `progress` = the share of a time budget used (train.max_time_s): the decay follows it instead
+        of the step count (warm-up steps still count steps). Returns token-weighted mean metrics."""
+        scheduler, warmup = self.schedule
+        if progress is not None and self.steps >= warmup:
+            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                group["lr"] = base * decay(scheduler, progress)
         loss_fn = getattr(algorithm, "policy_loss", None) or algorithm.loss
         # not under DeepSpeed: ZeRO's collectives in every forward / backward need the same
         # micro-batches on every rank (a rank left with fewer aborted the run)
@@ -437,7 +443,7 @@ class PolicyLearner(DataParallel):
                 if ok and self.after_step is not None:
                     self.after_step(self.steps)
                 skipped += not ok
-        lr = self.scheduler.get_last_lr()[0]  # the rate this step used
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used
         self.scheduler.step()
         self.steps += 1
         out = sums.means()

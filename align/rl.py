@@ -131,6 +131,7 @@ class RLRun:
                 raise ValueError("online preference pairs need an even algorithm.micro_batch_size and no "
                                  "algorithm.micro_batch_tokens (a pair's two rows share a micro-batch)")
             self.algo = OnlinePairs(self.algo)
+        self.gen_prompts = _gen_prompts(cfg, self.algo)
         r, res = cfg.rollout, cfg.resources
         self.sampling = _sampling(r, n=r.n, temperature=r.temperature, seed=cfg.train.seed)
         debug, n_learners, needs = cfg.train.debug, cfg.train.num_learners, self.algo.needs
@@ -174,6 +175,8 @@ class RLRun:
                                   gpu_memory_utilization=r.gpu_memory_utilization, sleep_mode=self.sleep_engines,
                                   loan_path=loan_path)
         self.version = 0  # weights version the engines should hold (bumped at every sync)
+        self.train_seconds = 0.0  # the steps' time so far (train.max_time_s counts it)
+        self.last_step_s = 0.0  # the last step's time: the estimate of the next one's
         self.restarts = 0  # rollout workers found restarted (and re-synced) so far
         self.nonfinite = 0  # updates skipped for NaN / inf so far
         t = cfg.train
@@ -352,7 +355,8 @@ class RLRun:
             if self.prefetched is not None:  # launched during the previous step's update (rollout.pipeline)
                 handle, self.prefetched = self.prefetched, None
             else:
-                handle = self._launch(self.stream.take(need), self._round_sampling(self.step_no, round_), len(groups))
+                handle = self._launch(self.stream.take(max(need, self.gen_prompts)), self._round_sampling(self.step_no, round_),
+                                      len(groups))
             t = time.perf_counter()
             samples, dt = self._collect(handle)
             times["wait_generate"] = times.get("wait_generate", 0.0) + time.perf_counter() - t
@@ -365,11 +369,11 @@ class RLRun:
             groups += _groups(samples)
             sel = self.algo.select(groups, batch_groups=cfg.rollout.prompts_per_step, round=round_, rng=rng)
             need, round_ = sel.need, round_ + 1
-        if self.overlap and cfg.rollout.sync_steps <= self.step_no + 1 < cfg.train.max_steps:
+        if self.overlap and cfg.rollout.sync_steps <= self.step_no + 1 < cfg.train.max_steps and self.fits(2):
             # one step off policy: the engines sample the next step's prompts with the weights they
             # hold now while the learners train on this batch; the sync below queues behind it
             self.prefetch_stream = (self.stream.epoch, self.stream.pos)
-            self.prefetched = self._launch(self.stream.take(cfg.rollout.prompts_per_step),
+            self.prefetched = self._launch(self.stream.take(self.gen_prompts),
                                            self._round_sampling(self.step_no + 1, 1), 0)
         if self.sleep_engines:  # colocated on GPUs: the learners get the engines' memory while they train
             self._engine_get(self.engines.run("sleep"))
@@ -404,8 +408,9 @@ class RLRun:
         t = time.perf_counter()
         shards = _shard(exp, len(self.learner))
         # every learner updates on its shard (gradients averaged); rank 0's metrics are reported
+        progress = self.train_seconds / cfg.train.max_time_s if cfg.train.max_time_s else None
         updates = [self.learner.call(i, "update", sh, self.algo, cfg.algorithm.epochs, cfg.algorithm.minibatches,
-                                     self.correction) for i, sh in enumerate(shards)]
+                                     self.correction, progress) for i, sh in enumerate(shards)]
         if self.critic is not None:  # policy and critic are separate actors: they update concurrently
             updates += [self.critic.call(i, "update", sh, self.algo, cfg.algorithm.epochs, cfg.algorithm.minibatches)
                         for i, sh in enumerate(shards)]
@@ -444,7 +449,9 @@ class RLRun:
             m.update(episode_metrics(generated))
             times["env"] = self.env_seconds
         m.update({f"time/{k}": v for k, v in times.items()})
-        m["time/step"] = time.perf_counter() - t0
+        m["time/step"] = self.last_step_s = time.perf_counter() - t0
+        self.train_seconds += m["time/step"]
+        m["time/train"] = self.train_seconds
         m["gen_tokens_per_s"] = sum(_model_tokens(s) for s in generated) / max(times["generate"], 1e-9)
         return m
 
@@ -487,13 +494,28 @@ class RLRun:
             write_samples(run_dir / "samples" / f"step_{self.step_no:05d}.jsonl", samples[:self.cfg.train.log_samples])
         return out
 
+    def fits(self, steps: int = 1) -> bool:
+        """Whether `steps` more steps, each as long as the last, stay within train.max_time_s (always without one)."""
+        budget = self.cfg.train.max_time_s
+        return not budget or self.train_seconds + steps * self.last_step_s <= budget
+
+    def drain(self) -> None:
+        """Wait out a next step's generation launched before the time budget ended the run, so
+        that the engines are idle for the final eval (its samples are dropped)."""
+        if self.prefetched is not None:
+            handle, self.prefetched = self.prefetched, None
+            self._collect(handle)
+        if self.pending_sync is not None:
+            self._engine_get(self.pending_sync)
+            self.pending_sync = None
+
     def save(self, run_dir: Path) -> Path:
         """A checkpoint of every learner rank (policy and critic), the prompt stream and the RNGs
         (atomic, see align.checkpoint). Weights are the same on every rank: rank 0's are kept."""
         weights = actors.get(self.learner.run("trainable_weights"))[0]
         extra = {"step": self.step_no, "learner": actors.get(self.learner.run("state")),
                  "stream": list(self.prefetch_stream if self.prefetched is not None else (self.stream.epoch, self.stream.pos)),
-                 "rng": checkpoint.rng_state(),
+                 "rng": checkpoint.rng_state(), "train_seconds": self.train_seconds, "last_step_s": self.last_step_s,
                  "algorithm": _hyperparameters(self.algo)}  # what the run changed, e.g. PPO's adaptive beta
         if self.critic is not None:
             critic = actors.get(self.critic.run("trainable_weights"))[0]
@@ -522,6 +544,7 @@ class RLRun:
         if extra["algorithm"]:
             self.algo = dataclasses.replace(self.algo, **extra["algorithm"])
         self.step_no = extra["step"]
+        self.train_seconds, self.last_step_s = extra.get("train_seconds", 0.0), extra.get("last_step_s", 0.0)
         self.version += 1
         actors.get(self.engines.run("update", self._payload()))
         return True
@@ -547,6 +570,24 @@ _CRITIC = "critic/"  # prefix of the critic's weights in a checkpoint
 
 class RolloutWorkerDied(RuntimeError):
     """A rollout worker died more often than Ray may restart it."""
+
+
+def _gen_prompts(cfg: RLConfig, algo: Any) -> int:
+    """Prompts one generation round takes: `rollout.gen_prompts_per_step`, or `prompts_per_step` when 0;
+    over-sampling needs a selection that keeps `prompts_per_step` groups, and a metric that exists."""
+    r, selection = cfg.rollout, getattr(algo, "selection", "none")
+    gen = r.gen_prompts_per_step or r.prompts_per_step
+    if gen < r.prompts_per_step:
+        raise ValueError(f"rollout.gen_prompts_per_step ({gen}) must be 0 or >= rollout.prompts_per_step ({r.prompts_per_step})")
+    if gen > r.prompts_per_step and selection == "none":
+        raise ValueError(f"rollout.gen_prompts_per_step={gen} over-samples, but algorithm {cfg.algorithm.name!r} keeps "
+                         "every group: set algorithm.params.selection to ranked, dynamic or duplicate")
+    metric = getattr(algo, "filter_metric", "reward")
+    names = [f.name.split(":")[-1] for f in cfg.reward.functions]  # a component's key, as _reward_specs names it
+    if metric != "reward" and metric not in names:
+        raise ValueError(f"algorithm.params.filter_metric={metric!r} is neither 'reward' nor a reward function "
+                         f"of reward.functions ({', '.join(names)})")
+    return gen
 
 
 def engine_old_logprobs(exp: Any) -> torch.Tensor:
@@ -705,7 +746,7 @@ def run(cfg: RLConfig, model: Any = None, tokenizer: Any = None) -> dict[str, An
         tracker = Tracker(run_dir, cfg.log, cfg.train.max_steps, rl.step_no, to_dict(cfg), desc="rl")
         if before:
             tracker.log(rl.step_no, before)
-        while rl.step_no < cfg.train.max_steps:
+        while rl.step_no < cfg.train.max_steps and rl.fits():
             try:
                 metrics = rl.step()  # rollout -> reward -> select -> experience -> update -> sync
             except _actor_errors() as exc:  # rollout workers restart; a learner does not
@@ -723,6 +764,7 @@ def run(cfg: RLConfig, model: Any = None, tokenizer: Any = None) -> dict[str, An
             if cfg.train.save_every and rl.step_no % cfg.train.save_every == 0:
                 rl.save(run_dir)
             history.append(metrics)
+        rl.drain()
         after = rl.evaluate()
         tracker.log(rl.step_no, after)
         rl.save(run_dir)

@@ -17,6 +17,9 @@ class RolloutConfig:
     num_threads: int = 0  # torch threads per engine (0 = all cores: engines and learners alternate)
     dtype: str = "float32"  # engine weights' dtype; auto = bfloat16 on GPUs that compute it fast, float32 on CPUs (align.device.engine_dtype)
     prompts_per_step: int = 8  # prompt groups per training batch
+    # prompts generated per round (verl's gen_batch_size); above prompts_per_step the algorithm's
+    # selection (ranked, dynamic, duplicate) keeps prompts_per_step of the groups. 0 = prompts_per_step
+    gen_prompts_per_step: int = 0
     n: int = 4  # samples per prompt (the group size)
     temperature: float = 0.7  # sampling temperature (logprobs are taken at this temperature)
     top_p: float = 1.0  # nucleus sampling
@@ -120,6 +123,10 @@ class RLTrainConfig:
     output_dir: str = "runs/rl"  # the run directory
     seed: int = 0  # seeds prompt order, sampling and initialisation
     max_steps: int = 20  # training steps (rollout + update); the same name as the supervised stages' train.max_steps
+    # A training-time budget in seconds (the steps' own time: evals and saves excluded; 0 = none): no
+    # step starts that the last step's time says would pass it, and lr_scheduler decays over the
+    # budget's share used instead of over max_steps, which stays a cap (a slower machine runs fewer steps)
+    max_time_s: float = 0.0
     lr: float = 2e-4  # peak learning rate
     warmup_steps: int = 0  # linear warm-up steps
     lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"  # decay over max_steps after warm-up

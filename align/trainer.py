@@ -39,16 +39,21 @@ from align.tuning import make_optimizer, trainable_state_dict
 LossFn = Callable[[nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, float]]]
 
 
+def decay(scheduler: str, progress: float) -> float:
+    """Multiplier of the peak learning rate after warm-up at `progress` (0 to 1) of the decay: cosine / linear / constant."""
+    progress = min(1.0, max(0.0, progress))
+    if scheduler == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * progress)) if scheduler == "cosine" else 1.0 - progress
+
+
 def lr_lambda(scheduler: str, warmup: int, total: int) -> Callable[[int], float]:
     """Multiplier of the peak learning rate at a step: linear warm-up, then cosine / linear / constant."""
 
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        if scheduler == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1 + math.cos(math.pi * progress)) if scheduler == "cosine" else 1.0 - progress
+        return decay(scheduler, (step - warmup) / max(1, total - warmup))
 
     return f
 

@@ -413,6 +413,42 @@ def test_dupo_with_no_informative_group_keeps_the_batch_at_zero_advantage():
     assert adv.abs().max().item() == 0.0
 
 
+def scored(group_id: int, acc: list[float], total: list[float]) -> list[Sample]:
+    """A group whose samples carry an accuracy component beside their combined reward."""
+    g = group(group_id, total)
+    for s, a in zip(g, acc):
+        s.reward_components = {"acc": a}
+    return g
+
+
+def test_ranked_selection_keeps_the_groups_whose_accuracy_varies_most_in_order():
+    grpo = algorithms.get("grpo", selection="ranked", filter_metric="acc")
+    over = [scored(0, [0, 0, 0, 0], [0.1, 0.5, 0.2, 0.9]),   # accuracy flat; reward std 0.3112
+            scored(1, [1, 0, 0, 0], [1.2, 0.2, 0.2, 0.2]),   # accuracy std sqrt(3)/4 = 0.4330
+            scored(2, [1, 1, 0, 0], [1.2, 1.2, 0.2, 0.2]),   # 0.5: half right, the most informative
+            scored(3, [1, 1, 1, 1], [1.2, 1.2, 1.2, 1.2]),   # nothing to learn
+            scored(4, [0, 0, 0, 0], [0.1, 0.1, 0.2, 0.1]),   # accuracy flat; reward std 0.0433
+            scored(5, [1, 1, 1, 0], [1.2, 1.2, 1.2, 0.2])]   # 0.4330, ties with group 1
+    sel = grpo.select(over, batch_groups=4)
+    # by accuracy spread: 2 (0.5), then 1 and 5 (0.433, generation order), then by reward spread 0 over 4 and 3
+    assert sel.need == 0 and rewards_of(sel.groups) == rewards_of([over[0], over[1], over[2], over[5]])
+    assert [g[0].group_id for g in sel.groups] == [0, 1, 2, 3]  # renumbered in generation order
+    assert sel.metrics["kept_varied_frac"] == 3 / 4 and sel.metrics["dropped_varied_frac"] == 0.0
+    assert sel.metrics["zero_std_frac"] == 1 / 6  # group 3 only: the combined reward varies elsewhere
+    # the combined reward as the metric (the default): 2 (0.5), then 1 and 5 tie (0.433) and 1 came first
+    by_reward = algorithms.get("grpo", selection="ranked").select(over, batch_groups=2)
+    assert rewards_of(by_reward.groups) == rewards_of([over[1], over[2]])
+    short = grpo.select(over[:3], batch_groups=4)  # fewer groups than the batch: ask for the rest
+    assert short.need == 1 and len(short.groups) == 3
+
+
+def test_dapo_filter_metric_drops_groups_whose_accuracy_is_flat():
+    over = [scored(0, [0, 0], [0.1, 0.5]), scored(1, [1, 0], [1.2, 0.2]), scored(2, [1, 1], [1.2, 1.0])]
+    assert len(algorithms.get("dapo").select(over, batch_groups=3).groups) == 3  # every combined reward varies
+    sel = algorithms.get("dapo", filter_metric="acc").select(over, batch_groups=3, round=1)
+    assert rewards_of(sel.groups) == [[1.2, 0.2]] and sel.need == 3 and sel.metrics["zero_std_frac"] == 2 / 3
+
+
 def test_grpo_select_is_identity():
     batch = [group(0, [1, 1]), group(5, [0, 1])]
     sel = algorithms.get("grpo").select(batch)

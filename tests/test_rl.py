@@ -496,6 +496,45 @@ def test_dapo_finishes_when_nine_groups_in_ten_have_zero_variance(tmp_path):
     assert all(h["samples_generated"] == 16 * h["gen_rounds"] for h in hist)  # whole batches of 4 prompts x 4
 
 
+@pytest.mark.parametrize("pipeline", ["sync", "one-step-off"])
+def test_time_budget_stops_the_run_and_drives_the_lr_decay(tmp_path, pipeline):
+    """train.max_time_s: a step starts only when the steps so far plus the last step's time fit the
+    budget, and each step's lr is the cosine of the budget's share used before it (hand-computed from
+    the logged times); max_steps stays a cap that the budget reaches first."""
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    first = rl.run(_cfg(tmp_path / "probe", model_dir, "train.debug=true", "train.max_steps=2", "train.eval_before=false",
+                        "data.eval_size=0", f"rollout.pipeline={pipeline}"))["history"]
+    budget = 2.5 * first[-1]["time/step"]  # room for about three steps after the first, slower one
+    hist = rl.run(_cfg(tmp_path, model_dir, "train.debug=true", "train.max_steps=50", f"train.max_time_s={budget}",
+                       "train.lr_scheduler=cosine", "train.eval_before=false", f"rollout.pipeline={pipeline}"))["history"]
+    assert 1 <= len(hist) < 50
+    before = [0.0] + [h["time/train"] for h in hist]  # the steps' time before each step, and after the last
+    last = [0.0] + [h["time/step"] for h in hist]
+    assert all(before[k] + last[k] <= budget for k in range(len(hist)))  # every step that ran was predicted to fit
+    assert before[-1] + last[-1] > budget  # and the one after the last would not have
+    assert [h["lr"] for h in hist] == pytest.approx([1e-2 * 0.5 * (1 + math.cos(math.pi * b / budget)) for b in before[:-1]])
+    assert hist[-1]["time/train"] == pytest.approx(sum(h["time/step"] for h in hist))
+
+
+def test_over_sampled_rounds_train_on_prompts_per_step_groups(tmp_path):
+    """rollout.gen_prompts_per_step 6 over 4 prompts a step, one step off: every round (the prefetched
+    ones included) generates 6 groups, the ranked selection keeps 4; the stream advances by 6 a step."""
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    out = rl.run(_cfg(tmp_path, model_dir, "train.debug=true", "rollout.gen_prompts_per_step=6",
+                      "rollout.pipeline=one-step-off", "algorithm.params={kl_coef: 0.05, selection: ranked, filter_metric: digit_share}",
+                      "train.eval_before=false", "data.eval_size=0"))
+    hist = out["history"]
+    assert [(h["samples_generated"], h["samples_trained"], h["kept_groups"]) for h in hist] == [(24, 16, 4.0)] * 3
+    assert all(0 <= h["kept_varied_frac"] <= 1 for h in hist)
+    with pytest.raises(ValueError, match="keeps every group: set algorithm.params.selection"):
+        rl.RLRun(_cfg(tmp_path / "b", model_dir, "train.debug=true", "rollout.gen_prompts_per_step=6"))
+    with pytest.raises(ValueError, match=r"gen_prompts_per_step \(3\) must be 0 or >= rollout.prompts_per_step \(4\)"):
+        rl.RLRun(_cfg(tmp_path / "c", model_dir, "train.debug=true", "rollout.gen_prompts_per_step=3"))
+    with pytest.raises(ValueError, match="filter_metric='acc' is neither 'reward' nor a reward function"):
+        rl.RLRun(_cfg(tmp_path / "d", model_dir, "train.debug=true",
+                      "algorithm.params={selection: ranked, filter_metric: acc}"))
+
+
 @pytest.mark.parametrize("dtype,tiny_gap", [("float32", True), ("bfloat16", False)])
 def test_engine_learner_mismatch_is_measured(tmp_path, dtype, tiny_gap):
     """The engine's logprobs are kept and compared with the learner's every step: float noise for an
