@@ -177,6 +177,7 @@ class RLRun:
         self.version = 0  # weights version the engines should hold (bumped at every sync)
         self.train_seconds = 0.0  # the steps' time so far (train.max_time_s counts it)
         self.last_step_s = 0.0  # the last step's time: the estimate of the next one's
+        self.out_of_time = False  # train.max_time_s ends the run after this step
         self.restarts = 0  # rollout workers found restarted (and re-synced) so far
         self.nonfinite = 0  # updates skipped for NaN / inf so far
         t = cfg.train
@@ -369,7 +370,9 @@ class RLRun:
             groups += _groups(samples)
             sel = self.algo.select(groups, batch_groups=cfg.rollout.prompts_per_step, round=round_, rng=rng)
             need, round_ = sel.need, round_ + 1
-        if self.overlap and cfg.rollout.sync_steps <= self.step_no + 1 < cfg.train.max_steps and self.fits(2):
+        if self.overlap and cfg.rollout.sync_steps <= self.step_no + 1 < cfg.train.max_steps and not self.fits(2):
+            self.out_of_time = True  # no next step: one generated without the overlap would run longer than estimated
+        elif self.overlap and cfg.rollout.sync_steps <= self.step_no + 1 < cfg.train.max_steps:
             # one step off policy: the engines sample the next step's prompts with the weights they
             # hold now while the learners train on this batch; the sync below queues behind it
             self.prefetch_stream = (self.stream.epoch, self.stream.pos)
@@ -499,15 +502,10 @@ class RLRun:
         budget = self.cfg.train.max_time_s
         return not budget or self.train_seconds + steps * self.last_step_s <= budget
 
-    def drain(self) -> None:
-        """Wait out a next step's generation launched before the time budget ended the run, so
-        that the engines are idle for the final eval (its samples are dropped)."""
-        if self.prefetched is not None:
-            handle, self.prefetched = self.prefetched, None
-            self._collect(handle)
-        if self.pending_sync is not None:
-            self._engine_get(self.pending_sync)
-            self.pending_sync = None
+    def has_time(self) -> bool:
+        """Whether the next step runs under train.max_time_s: one already generating does (it was
+        launched when this step and it fitted); otherwise when one more step as long as the last fits."""
+        return self.prefetched is not None or (not self.out_of_time and self.fits())
 
     def save(self, run_dir: Path) -> Path:
         """A checkpoint of every learner rank (policy and critic), the prompt stream and the RNGs
@@ -746,7 +744,7 @@ def run(cfg: RLConfig, model: Any = None, tokenizer: Any = None) -> dict[str, An
         tracker = Tracker(run_dir, cfg.log, cfg.train.max_steps, rl.step_no, to_dict(cfg), desc="rl")
         if before:
             tracker.log(rl.step_no, before)
-        while rl.step_no < cfg.train.max_steps and rl.fits():
+        while rl.step_no < cfg.train.max_steps and rl.has_time():
             try:
                 metrics = rl.step()  # rollout -> reward -> select -> experience -> update -> sync
             except _actor_errors() as exc:  # rollout workers restart; a learner does not
@@ -764,7 +762,6 @@ def run(cfg: RLConfig, model: Any = None, tokenizer: Any = None) -> dict[str, An
             if cfg.train.save_every and rl.step_no % cfg.train.save_every == 0:
                 rl.save(run_dir)
             history.append(metrics)
-        rl.drain()
         after = rl.evaluate()
         tracker.log(rl.step_no, after)
         rl.save(run_dir)

@@ -124,7 +124,8 @@ class RLTrainConfig:
     seed: int = 0  # seeds prompt order, sampling and initialisation
     max_steps: int = 20  # training steps (rollout + update); the same name as the supervised stages' train.max_steps
     # A training-time budget in seconds (the steps' own time: evals and saves excluded; 0 = none): no
-    # step starts that the last step's time says would pass it, and lr_scheduler decays over the
+    # step starts that the last step's time says would pass it (one step off: the next step is
+    # decided as its generation would start, when two more fit), and lr_scheduler decays over the
     # budget's share used instead of over max_steps, which stays a cap (a slower machine runs fewer steps)
     max_time_s: float = 0.0
     lr: float = 2e-4  # peak learning rate

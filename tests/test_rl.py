@@ -509,9 +509,14 @@ def test_time_budget_stops_the_run_and_drives_the_lr_decay(tmp_path, pipeline):
                        "train.lr_scheduler=cosine", "train.eval_before=false", f"rollout.pipeline={pipeline}"))["history"]
     assert 1 <= len(hist) < 50
     before = [0.0] + [h["time/train"] for h in hist]  # the steps' time before each step, and after the last
-    last = [0.0] + [h["time/step"] for h in hist]
-    assert all(before[k] + last[k] <= budget for k in range(len(hist)))  # every step that ran was predicted to fit
-    assert before[-1] + last[-1] > budget  # and the one after the last would not have
+    last = [0.0] + [h["time/step"] for h in hist]  # the time of the step before each step
+    n = len(hist)
+    if pipeline == "sync":  # a step runs when one more step as long as the last fits
+        assert all(before[k] + last[k] <= budget for k in range(n)) and before[n] + last[n] > budget
+    else:  # the next step is decided when its generation would start, during a step: when two more fit
+        assert all(before[k - 1] + 2 * last[k - 1] <= budget for k in range(1, n))
+        assert before[n - 1] + 2 * last[n - 1] > budget
+        assert all(h["rollout/staleness"] == 1 for h in hist[1:])  # every later step was generated one step off
     assert [h["lr"] for h in hist] == pytest.approx([1e-2 * 0.5 * (1 + math.cos(math.pi * b / budget)) for b in before[:-1]])
     assert hist[-1]["time/train"] == pytest.approx(sum(h["time/step"] for h in hist))
 
