@@ -370,7 +370,7 @@ class RLRun:
             groups += _groups(samples)
             sel = self.algo.select(groups, batch_groups=cfg.rollout.prompts_per_step, round=round_, rng=rng)
             need, round_ = sel.need, round_ + 1
-        if self.overlap and cfg.rollout.sync_steps <= self.step_no + 1 < cfg.train.max_steps and not self.fits(2):
+        if self.overlap and cfg.rollout.sync_steps <= self.step_no + 1 < cfg.train.max_steps and not self.fits(2, time.perf_counter() - t0):
             self.out_of_time = True  # no next step: one generated without the overlap would run longer than estimated
         elif self.overlap and cfg.rollout.sync_steps <= self.step_no + 1 < cfg.train.max_steps:
             # one step off policy: the engines sample the next step's prompts with the weights they
@@ -497,10 +497,11 @@ class RLRun:
             write_samples(run_dir / "samples" / f"step_{self.step_no:05d}.jsonl", samples[:self.cfg.train.log_samples])
         return out
 
-    def fits(self, steps: int = 1) -> bool:
-        """Whether `steps` more steps, each as long as the last, stay within train.max_time_s (always without one)."""
+    def fits(self, steps: int = 1, running: float = 0.0) -> bool:
+        """Whether `steps` more steps, each as long as the last (or as the `running` one has taken so
+        far, if longer), stay within train.max_time_s (always without one)."""
         budget = self.cfg.train.max_time_s
-        return not budget or self.train_seconds + steps * self.last_step_s <= budget
+        return not budget or self.train_seconds + steps * max(self.last_step_s, running) <= budget
 
     def has_time(self) -> bool:
         """Whether the next step runs under train.max_time_s: one already generating does (it was
