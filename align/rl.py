@@ -370,14 +370,14 @@ class RLRun:
             groups += _groups(samples)
             sel = self.algo.select(groups, batch_groups=cfg.rollout.prompts_per_step, round=round_, rng=rng)
             need, round_ = sel.need, round_ + 1
-        if self.overlap and cfg.rollout.sync_steps <= self.step_no + 1 < cfg.train.max_steps and not self.fits(2, time.perf_counter() - t0):
-            self.out_of_time = True  # no next step: one generated without the overlap would run longer than estimated
-        elif self.overlap and cfg.rollout.sync_steps <= self.step_no + 1 < cfg.train.max_steps:
-            # one step off policy: the engines sample the next step's prompts with the weights they
-            # hold now while the learners train on this batch; the sync below queues behind it
-            self.prefetch_stream = (self.stream.epoch, self.stream.pos)
-            self.prefetched = self._launch(self.stream.take(self.gen_prompts),
-                                           self._round_sampling(self.step_no + 1, 1), 0)
+        if self.overlap and cfg.rollout.sync_steps <= self.step_no + 1 < cfg.train.max_steps:
+            if not self.fits(2, time.perf_counter() - t0):  # train.max_time_s: this step is the last, since
+                self.out_of_time = True  # a next one generated without the overlap would outrun the estimate
+            else:  # one step off policy: the engines sample the next step's prompts with the weights they
+                # hold now while the learners train on this batch; the sync below queues behind it
+                self.prefetch_stream = (self.stream.epoch, self.stream.pos)
+                self.prefetched = self._launch(self.stream.take(self.gen_prompts),
+                                               self._round_sampling(self.step_no + 1, 1), 0)
         if self.sleep_engines:  # colocated on GPUs: the learners get the engines' memory while they train
             self._engine_get(self.engines.run("sleep"))
         batch = [s for g in sel.groups for s in g]
