@@ -218,10 +218,10 @@ def group_stats(rewards: Tensor, group_ids: Tensor, scored: Tensor) -> GroupStat
     return GroupStats(mean=mean[inv], std=std[inv], count=count[inv], constant=(hi == lo)[inv])
 
 
-def reward_variance(group: Sequence[Sample]) -> bool:
-    """True when the scored rewards of one prompt's group differ (the group carries a signal)."""
-    scores = [s.reward for s in group if s.reward is not None and math.isfinite(s.reward)]
-    return len(set(scores)) > 1
+def reward_variance(group: Sequence[Sample], metric: str = "reward") -> bool:
+    """True when the scored rewards of one prompt's group differ (the group carries a signal);
+    `metric` = "reward" (the combined reward) or a reward function's name."""
+    return len(set(_values(group, metric))) > 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -444,7 +444,7 @@ def spread(group: Sequence[Sample], metric: str = "reward") -> float:
 
 def _informative(group: Sequence[Sample], metric: str = "reward") -> bool:
     """DAPO's keep rule (verl dapo_ray_trainer, `filter_groups.metric`): `metric` varies, or the group holds one sample."""
-    return len(group) == 1 or len(set(_values(group, metric))) > 1
+    return len(group) == 1 or reward_variance(group, metric)
 
 
 def _renumber(groups: list[list[Sample]]) -> list[list[Sample]]:
