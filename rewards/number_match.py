@@ -11,6 +11,11 @@ wrong operation ("57 - 55 = 2" for 112), which an exact check scores the same (b
 `exclude_prompt_numbers` a last number copied from the prompt earns nothing: otherwise a reply that
 only restates the question ("Ravi collects 11 apples on Monday and 29 on Tuesday", gold 40) earns
 as much as a written sum's format bonus, and a policy can settle there.
+
+`digit_match` is partial credit by place value: the share of the gold's digits, aligned from the
+ones, that the completion's last number gets right. Closeness pays a ones digit wrong ("18 + 45 =
+62" for 63: 0.97) almost as much as the answer, and half of a trained main-job policy's wrong sums
+were wrong there (README); by place a ones digit wrong costs as much as a carry.
 """
 from __future__ import annotations
 
@@ -76,3 +81,28 @@ def number_closeness(answer_field: str = "answer", tolerance: float = 0.5,
         return max(0.0, 1.0 - abs(got - want) / (tolerance * max(abs(want), 1.0)))
 
     return _scorer(answer_field, credit, exclude_prompt_numbers)
+
+
+def _digits(x: float) -> str | None:
+    """The digits of an integer-valued `x` (sign dropped), or None for a fraction."""
+    return str(abs(int(x))) if x == int(x) else None
+
+
+@register("digit_match")
+def digit_match(answer_field: str = "answer"):
+    """Partial credit by place value: the share of places (aligned from the ones, over the longer
+    of the two numbers) where the completion's last number has the gold's digit; 0 for a sign
+    other than the gold's or no number, exact match only (1 or 0) where either is not an
+    integer, None when the gold has no number. 63 for 63: 1; 62 or 53: 0.5; 163: 2/3."""
+
+    def credit(got: float | None, want: float) -> float:
+        if got is None or (got < 0) != (want < 0):
+            return 0.0
+        a, b = _digits(got), _digits(want)
+        if a is None or b is None:
+            return float(abs(got - want) < 1e-9)
+        width = max(len(a), len(b))
+        a, b = a.rjust(width), b.rjust(width)  # a place one number lacks counts as wrong
+        return sum(x == y for x, y in zip(a, b)) / width
+
+    return _scorer(answer_field, credit)

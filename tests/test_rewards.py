@@ -615,6 +615,16 @@ def test_number_closeness_gives_partial_credit_by_relative_error():
         rewards.get("number_closeness", tolerance=0)
 
 
+def test_digit_match_credits_each_place_from_the_ones():
+    fn = rewards.get("digit_match")
+    got = fn(["p"] * 9, ["18 + 45 = 62", "= 53", "= 63", "= 163", "= 7", "= -63", "1.5", "none", "x"],
+             answer=["63", "63", "63", "63", "107", "63", "1.5", "63", None])
+    assert got[:3] == [0.5, 0.5, 1.0]  # the ones wrong costs as much as the tens wrong
+    assert got[3] == pytest.approx(2 / 3)  # an extra place counts as a wrong one
+    assert got[4] == pytest.approx(1 / 3)  # 7 against 107: the ones right, two places missing
+    assert got[5:] == [0.0, 1.0, 0.0, None]  # another sign: nothing; fractions: exact only; no number: 0
+
+
 def test_number_closeness_can_refuse_numbers_copied_from_the_prompt():
     prompt = "Ravi collects 11 apples on Monday and 29 on Tuesday. How many apples in total?"
     replies = ["Ravi collects 11 apples on Monday and 29 on Tuesday", "11 + 29 = 39", "It is 40."]
