@@ -61,9 +61,10 @@ def reply_kinds(model, tok, rows: list[dict]) -> Counter:
         elif not m or {m.group(1), m.group(3)} != {a, b}:
             kinds["no written sum of the question's numbers"] += 1
         elif m.group(2) != op:
-            kinds["wrong operation"] += 1
-        else:
-            kinds["operation right, result wrong"] += 1
+            kinds[f"wrong operation ({m.group(2)} for {op})"] += 1
+        else:  # how far off: by 1-9 (mostly the ones digit) or by 10 or more (a carry, a borrow, worse)
+            off = abs(int(m.group(4)) - int(r["answer"]))
+            kinds["operation right, result wrong" + (" (off by 1-9)" if off < 10 else " (off by 10+)")] += 1
     return kinds
 
 
