@@ -62,7 +62,7 @@ def reply_kinds(model, tok, rows: list[dict]) -> Counter:
             kinds["no written sum of the question's numbers"] += 1
         elif m.group(2) != op:
             kinds[f"wrong operation ({m.group(2)} for {op})"] += 1
-        else:  # how far off: by 1-9 (mostly the ones digit) or by 10 or more (a carry, a borrow, worse)
+        else:  # how far off: by 1-9 (the ones digit wrong) or by 10 or more (a carry, a borrow, worse)
             off = abs(int(m.group(4)) - int(r["answer"]))
             kinds["operation right, result wrong" + (" (off by 1-9)" if off < 10 else " (off by 10+)")] += 1
     return kinds
