@@ -57,8 +57,10 @@ class _KLInReward:
 
     @property
     def needs(self) -> Needs:
-        """Old and reference logprobs when there is a KL term (it is in the reward); no critic."""
-        return Needs(old_logprobs=self.kl_coef > 0, ref_logprobs=self.kl_coef > 0, values=False)
+        """Reference logprobs for a KL term; old logprobs only where that KL is in the reward (it is
+        taken at the behaviour policy there; as a loss term it is taken at the current one); no critic."""
+        kl = self.kl_coef > 0
+        return Needs(old_logprobs=kl and self.kl_mode == "reward", ref_logprobs=kl, values=False)
 
     @property
     def zero_advantage_trains(self) -> bool:

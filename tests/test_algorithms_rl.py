@@ -636,6 +636,16 @@ def test_baselines_loss_is_the_shared_clipped_surrogate():
     assert rpp.loss(**args)[0].item() == pytest.approx(hand_grpo("seq-mean-token-mean", 0.1, 0.2, 0.2)[0])
 
 
+def test_baselines_need_old_logprobs_only_for_a_kl_in_the_reward():
+    # the KL in the reward is taken at the behaviour policy; as a loss term at the current one, so an
+    # on-policy run with kl_mode="loss" pays no extra forward pass for old log-probs
+    for name in ["rloo", "reinforce_pp"]:
+        assert algorithms.get(name, kl_coef=0.05).needs.old_logprobs
+        needs = algorithms.get(name, kl_coef=0.05, kl_mode="loss").needs
+        assert needs.ref_logprobs and not needs.old_logprobs
+        assert not algorithms.get(name, kl_coef=0.0).needs.ref_logprobs
+
+
 # ------------------------------------------------------------------------------------------------
 # Registry and validation
 # ------------------------------------------------------------------------------------------------
