@@ -1,6 +1,6 @@
 """How often the base model's greedy reply to a held-out arithmetic problem is, in its first line,
 already the main job's format (a one-line written sum), and its accuracy on the first line against
-the whole reply: the measurement behind the README's note on `rollout.stop=["\\n"]`.
+the whole reply: the measurement behind examples/results/main_job.md's note on `rollout.stop=["\\n"]`.
 
     .venv/bin/python examples/first_line_format.py --seeds 0 1 2
 """
